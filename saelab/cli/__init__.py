@@ -1,0 +1,104 @@
+"""The `saelab` command: argparse subcommands, logging set-up and exit codes.
+
+This package is the only place that reads argv, configures logging handlers and chooses exit codes.
+Each module here registers the subcommands of one pipeline stage through `register(subparsers)`;
+the handlers call the library and print.
+
+Exit codes: 0 success, 1 a check failed (e.g. `verify` found a bad chunk), 2 usage error (bad flag,
+file or config; message only, no traceback), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from saelab.errors import UsageError
+
+# One module per pipeline stage; each defines register(subparsers).
+_COMMAND_MODULES = ["collect", "train", "evaluate", "interpret", "export", "experiment", "intervene"]
+
+# Legacy and recipe flag spellings -> saelab's own flag. One table for the whole CLI (STYLE.md).
+# The Kimi-K2 SAE recipe's names work unchanged as aliases.
+FLAG_ALIASES: dict[str, str] = {
+    "--data_dir": "--data",
+    "--output_dir": "--out",
+    "--num_shards": "--num-shards",
+    "--target_layer": "--layer",
+    "--d_model": "--d-in",
+    "--d_sae": "--d-sae",
+    "--l1_coeff": "--l1-coeff",
+    "--lr": "--lr",
+    "--batch_size": "--batch-size",
+    "--epochs": "--epochs",
+    "--num_workers": "--num-workers",
+    "--sae_path": "--sae",
+    "--statistics": "--statistics",
+    "--feature_id": "--feature",
+    "--top_k": "--top-k",
+}
+
+
+def rewrite_aliases(argv: list[str]) -> list[str]:
+    """Replace alias flags (also in `--flag=value` form) by saelab's spelling."""
+    out = []
+    for tok in argv:
+        flag, eq, value = tok.partition("=")
+        if flag in FLAG_ALIASES:
+            tok = FLAG_ALIASES[flag] + (eq + value if eq else "")
+        out.append(tok)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with saelab's error format: 'saelab: error: ...' and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        self.exit(2, f"saelab: error: {message}\n  Run `{self.prog} --help` for the options.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="saelab", description="Sparse autoencoders for language-model activations.")
+    from saelab import __version__
+
+    parser.add_argument("--version", action="version", version=f"saelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"saelab.cli.{name}").register(sub)
+    return parser
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """--quiet / --verbose on every subcommand."""
+    g = p.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings only; no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "accelerate", "torch", "urllib3", "matplotlib", "PIL", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = rewrite_aliases(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"saelab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("saelab: interrupted", file=sys.stderr)
+        return 130

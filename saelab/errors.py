@@ -1,0 +1,34 @@
+"""Errors a user can fix, and the helpers that word them.
+
+`UsageError` covers bad input: flags, files, configs, stores, checkpoints. The CLI prints its message
+without a traceback and exits with code 2. Anything else is a bug in saelab and keeps its traceback.
+
+Messages follow one pattern: what was wrong, what was expected, how to fix it.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: the CLI prints the message and exits with code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return ' Did you mean "x"?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def raise_all(problems: list[str], header: str) -> None:
+    """Raise one UsageError listing every problem, so the user can fix them in one pass."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise UsageError(f"{header}: {problems[0]}")
+    raise UsageError(header + ":\n" + "\n".join(f"  - {p}" for p in problems))
