@@ -1,0 +1,220 @@
+"""The activation store's public face: the memory-mapped reader, plus the writer and format names.
+
+`load_store(path) -> ActivationStore` is what training, evaluation and interpretation use:
+metadata, the list of complete chunks, checked memory-mapped reads, a train/val split by chunk, a
+subset of shards, and shuffled batches (`batches`, implemented in store_batches.py). The writer
+(`ShardWriter`, store_writer.py) and the format names (`hook_key`, `FORMAT_VERSION`, ...,
+store_format.py) are re-exported here so callers import one module.
+
+Only chunks listed in a shard manifest exist for the reader, so a chunk being written is invisible.
+Every file read is checked against its manifest entry: size always, sha256 once per file per
+process (numpy loads flipped or trailing bytes silently; the hash is what catches them).
+
+Row order: chunks in store order (shard-major, then chunk index); `ChunkInfo.offset` is the global
+row index of a chunk's first row in that order, so row r of chunk c is global row c.offset + r.
+
+Train/val split, per chunk c and seed s:
+
+    u(c) = int(sha256(f"{s}:{c.shard}:{c.index}")[:16], 16) / 2**64     in [0, 1)
+    c is in val  <=>  u(c) < val_fraction
+
+(plus: at least one val and one train chunk when there are >= 2 chunks). A chunk's side never
+changes as a store grows, so a val set stays held out while collection continues.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from saelab.errors import UsageError, did_you_mean
+from saelab.store_format import (  # noqa: F401 - re-exported
+    FORMAT_VERSION, FP16_MAX, IDENTITY_FIELDS, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
+    chunk_file_name, hook_key, read_json, sha256_file, shard_dir_name,
+)
+from saelab.store_writer import ChunkBuilder, ShardWriter, to_fp16  # noqa: F401 - re-exported
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "val", "all"]
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of files hashed in this process
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """One complete chunk, as the reader sees it."""
+
+    shard: int
+    """Shard number."""
+    index: int
+    """Chunk number within the shard."""
+    num_tokens: int
+    """Rows N of the chunk."""
+    offset: int
+    """Global row index of the chunk's first row (store order: shard-major, then index)."""
+    files: dict = field(compare=False, hash=False, repr=False)
+    """'tokens', 'seqpos', hook name -> manifest entry {file, sha256, bytes, shape, dtype}."""
+
+    @property
+    def name(self) -> str:
+        return f"{shard_dir_name(self.shard)}/chunk_{self.index:06d}"
+
+
+class ActivationStore:
+    """A store on disk (or a subset of its shards). Cheap to create: it reads only JSON."""
+
+    def __init__(self, path: Path, meta: dict, chunks: list[ChunkInfo], verify: bool = True):
+        self.path, self.meta, self.chunks, self.verify = Path(path), meta, chunks, verify
+        self._hooks = {h["name"]: h for h in meta["hooks"]}
+
+    @property
+    def hooks(self) -> list[str]:
+        """Hook point names, in store.json order."""
+        return list(self._hooks)
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows in the listed chunks."""
+        return sum(c.num_tokens for c in self.chunks)
+
+    def width(self, hook: str) -> int:
+        """D of a hook point."""
+        return int(self._hook(hook)["width"])
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.path)!r}, {len(self.chunks)} chunks, {self.num_tokens:,} tokens, hooks={self.hooks})"
+
+    # -- checked reads
+    def read_activations(self, chunk: ChunkInfo | int, hook: str) -> np.ndarray:
+        """Memory-mapped float16 [N, D] activations of one hook in one chunk."""
+        self._hook(hook)
+        return self._read(chunk, hook)
+
+    def read_tokens(self, chunk: ChunkInfo | int) -> np.ndarray:
+        """Memory-mapped int32 [N] token ids of one chunk."""
+        return self._read(chunk, TOKENS)
+
+    def read_seqpos(self, chunk: ChunkInfo | int) -> np.ndarray:
+        """Memory-mapped int32 [N, 2] (global sequence index, position in the sequence)."""
+        return self._read(chunk, SEQPOS)
+
+    def _read(self, chunk: ChunkInfo | int, key: str) -> np.ndarray:
+        c = self.chunks[chunk] if isinstance(chunk, int) else chunk
+        entry = c.files[key]
+        path = self.path / shard_dir_name(c.shard) / entry["file"]
+        check_file(path, entry, check_hash=self.verify)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
+            raise UsageError(f"{path} holds {arr.dtype.name} {list(arr.shape)}, its manifest says "
+                             f"{entry['dtype']} {entry['shape']}: the chunk is corrupted. Run `saelab verify "
+                             f"{self.path}` and collect that shard again.")
+        return arr
+
+    def _hook(self, hook: str) -> dict:
+        if hook not in self._hooks:
+            raise UsageError(f"hook {hook!r} is not in store {self.path} (it holds {', '.join(self._hooks)})."
+                             + did_you_mean(hook, self._hooks))
+        return self._hooks[hook]
+
+    # -- selections
+    def split_chunks(self, val_fraction: float = 0.05, seed: int = 0) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
+        """(train, val) chunks: a deterministic split by chunk (see the module docstring)."""
+        if not 0.0 <= val_fraction < 1.0:
+            raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        u = {c: _unit_hash(f"{seed}:{c.shard}:{c.index}") for c in self.chunks}
+        val = {c for c in self.chunks if u[c] < val_fraction}
+        if len(self.chunks) >= 2 and val_fraction > 0:
+            if not val:
+                val = {min(self.chunks, key=u.get)}
+            if len(val) == len(self.chunks):
+                val.discard(max(self.chunks, key=u.get))
+        return [c for c in self.chunks if c not in val], [c for c in self.chunks if c in val]
+
+    def select(self, split: Split = "all", val_fraction: float = 0.05, seed: int = 0) -> list[ChunkInfo]:
+        """The chunks of one side of `split_chunks`, or all of them."""
+        if split == "all":
+            return list(self.chunks)
+        if split not in ("train", "val"):
+            raise UsageError(f"split must be train, val or all, got {split!r}.")
+        train, val = self.split_chunks(val_fraction, seed)
+        return train if split == "train" else val
+
+    def subset(self, shards: list[int] | None = None) -> ActivationStore:
+        """A view of some shards only; chunk offsets keep their global values."""
+        if shards is None:
+            return self
+        n = self.meta["num_shards"]
+        bad = [s for s in shards if not 0 <= s < n]
+        if bad:
+            raise UsageError(f"shards {bad} are out of range: store {self.path} has shards 0 .. {n - 1}.")
+        keep = set(shards)
+        return ActivationStore(self.path, self.meta, [c for c in self.chunks if c.shard in keep], self.verify)
+
+    def batches(self, hook: str, batch_size: int, split: Split = "train", seed: int = 0, shuffle_chunks: int = 4,
+                epochs: int | None = 1, drop_last: bool = True, shards: list[int] | None = None, rank: int = 0,
+                world_size: int = 1, val_fraction: float = 0.05, shuffle: bool = True):
+        """Shuffled float32 batches [B, D] of one hook; see `saelab.store_batches.BatchIterator`."""
+        from saelab.store_batches import BatchIterator
+
+        store = self.subset(shards)
+        return BatchIterator(store, hook, batch_size, store.select(split, val_fraction, seed), seed=seed,
+                             shuffle_chunks=shuffle_chunks, epochs=epochs, drop_last=drop_last, rank=rank,
+                             world_size=world_size, shuffle=shuffle)
+
+
+def _unit_hash(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2.0**64
+
+
+def check_file(path: Path, entry: dict, check_hash: bool = True) -> None:
+    """Refuse a chunk file whose size (always) or sha256 (once per process) differs from its entry."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing but its shard manifest lists it. Run `saelab verify "
+                         f"{path.parent.parent}`; collect that shard again.") from None
+    if st.st_size != entry["bytes"]:
+        kind = "truncated" if st.st_size < entry["bytes"] else "padded with extra bytes"
+        raise UsageError(f"{path} is {kind}: {st.st_size:,} bytes, its manifest says {entry['bytes']:,}. "
+                         f"Run `saelab verify {path.parent.parent}`; collect that shard again.")
+    key = (str(path), st.st_size, st.st_mtime_ns, entry["sha256"])
+    if not check_hash or key in _VERIFIED:
+        return
+    if sha256_file(path) != entry["sha256"]:
+        raise UsageError(f"{path} is corrupted: sha256 mismatch with its manifest. Run `saelab verify "
+                         f"{path.parent.parent}`; collect that shard again.")
+    _VERIFIED.add(key)
+
+
+def load_store(path: str | Path, verify: bool = True) -> ActivationStore:
+    """Open a store directory for reading (JSON only; arrays are mapped on demand).
+
+    Args:
+        path: the store directory (holds store.json).
+        verify: check each file's sha256 the first time it is read in this process.
+    Raises:
+        UsageError: not a store, or a manifest is unreadable.
+    """
+    root = Path(path)
+    if not (root / STORE_JSON).is_file():
+        what = "does not exist" if not root.exists() else f"has no {STORE_JSON}"
+        raise UsageError(f"{root} {what}: it is not an activation store. Make one with "
+                         f"`saelab collect --out {root} ...`.")
+    meta = read_json(root / STORE_JSON, "store manifest")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UsageError(f"store {root} has format_version {meta['format_version']}; this saelab reads up to "
+                         f"{FORMAT_VERSION}. Upgrade saelab.")
+    chunks, offset = [], 0
+    for shard in range(meta["num_shards"]):
+        mpath = root / shard_dir_name(shard) / MANIFEST_JSON
+        if not mpath.exists():
+            continue
+        for c in read_json(mpath, "shard manifest")["chunks"]:
+            chunks.append(ChunkInfo(shard, c["index"], c["num_tokens"], offset, c["files"]))
+            offset += c["num_tokens"]
+    return ActivationStore(root, meta, chunks, verify)

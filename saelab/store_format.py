@@ -1,0 +1,212 @@
+"""The activation store's on-disk format: names, manifests, checksums and safe file writes.
+
+Shared by the writer (store_writer.py), the reader (store.py) and the checker (store_check.py);
+it holds no state and reads no arrays. Layout (docs/architecture.md, "The activation store"):
+
+    STORE/store.json                                run manifest, written once by the first writer
+    STORE/shard_XXXXX/manifest.json                 progress + one entry per complete chunk
+    STORE/shard_XXXXX/chunk_YYYYYY.tokens.npy       int32   [N]      token id of each row
+    STORE/shard_XXXXX/chunk_YYYYYY.seqpos.npy       int32   [N, 2]   (sequence index, position)
+    STORE/shard_XXXXX/chunk_YYYYYY.<hookkey>.npy    float16 [N, D]   activations of one hook point
+
+Shape legend: N rows (tokens) of a chunk, D width of a hook point.
+
+Every file is written as `<name>.tmp`, fsynced and renamed (`write_bytes_atomic`); a chunk file is
+listed in its shard manifest with {file, sha256, bytes, shape, dtype}. A .npy header here is always
+NPY_HEADER_BYTES long, so the writer can fix the row count in place once a chunk closes.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saelab.errors import UsageError
+
+
+FORMAT_VERSION = 1
+STORE_JSON = "store.json"
+MANIFEST_JSON = "manifest.json"
+LOCK_FILE = ".lock"
+TOKENS = "tokens"
+SEQPOS = "seqpos"
+FP16_MAX = 65504.0
+# Fields of store.json that must match when a writer joins or resumes a store. Dotted names
+# compare one key of a nested dict. batch_size, chunk_tokens and num_shards fix the batch grid and
+# the corpus split, so a resumed store stays byte-identical and shards stay disjoint.
+IDENTITY_FIELDS = (
+    "format_version", "model.sha256", "hooks", "dtype", "max_length", "tokenizer",
+    "corpus.fingerprint", "keep_special", "adapter", "slices", "num_shards", "batch_size",
+    "chunk_tokens",
+)
+NPY_HEADER_BYTES = 128  # fixed, so a chunk's header can be rewritten in place once N is known
+HASH_BLOCK = 8 << 20
+
+
+def hook_key(name: str) -> str:
+    """Filename-safe key of a hook point: 'model.layers.3.self_attn.o_proj:input' ->
+    'model.layers.3.self_attn.o_proj@input'."""
+    return name.replace(":", "@").replace("/", "_").replace(os.sep, "_")
+
+
+def shard_dir_name(shard: int) -> str:
+    return f"shard_{shard:05d}"
+
+
+def chunk_file_name(index: int, key: str) -> str:
+    return f"chunk_{index:06d}.{key}.npy"
+
+
+def shard_target(tokens: int, shard: int, num_shards: int) -> int:
+    """Tokens shard `shard` stores of a `tokens` target: an even split, the first shards taking the remainder."""
+    return tokens // num_shards + (1 if shard < tokens % num_shards else 0)
+
+
+# ----------------------------------------------------------------------------------- file helpers
+
+def os_error_to_usage(e: OSError, path: Path, what: str = "") -> UsageError:
+    """Turn a write failure into a message a person can act on."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = f"{path} is not writable ({e.strerror})"
+        fix = "Fix the permissions or choose another --out."
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT, None):
+        cause = f"the disk is full (or over quota) at {path}"
+        fix = "Free some space and re-run the same command: it resumes from the last complete chunk."
+    else:
+        cause = f"could not write {path}: {e}"
+        fix = "Re-run the same command to resume from the last complete chunk."
+    return UsageError(f"{what}{cause}. Every completed chunk is intact. {fix}")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """tmp -> fsync -> rename, verifying the size written (a full disk may not raise errno)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            if os.fstat(f.fileno()).st_size != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error_to_usage(e, path) from None
+    fsync_dir(path.parent)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a JSON file of the store, with an error that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {path} is not valid JSON ({e}); the file is damaged.") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version-1.0 .npy header padded to exactly NPY_HEADER_BYTES."""
+    d = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
+    body_len = NPY_HEADER_BYTES - 10
+    assert len(d) < body_len, f"npy header too long for shape {shape}"
+    body = d.ljust(body_len - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def get_nested(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+@dataclass
+class ChunkEntry:
+    """One complete chunk as listed in a shard manifest."""
+
+    index: int
+    """Chunk number within its shard (0, 1, ...)."""
+    num_tokens: int
+    """Rows N in every file of the chunk."""
+    files: dict[str, dict]
+    """'tokens', 'seqpos' and each hook name -> {file, sha256, bytes, shape, dtype}."""
+    overflow: dict[str, int]
+    """Hook name -> count of values beyond +-65504 that were clamped."""
+    nan: dict[str, int]
+    """Hook name -> count of NaN values (stored as NaN)."""
+    sequences_done: int
+    """Shard progress after this chunk: sequences consumed from this shard's part of the corpus."""
+    batches_done: int
+    """Shard progress after this chunk: forward batches run."""
+    written_at: float
+    """Unix time the chunk was committed."""
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> ChunkEntry:
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+
+def check_identity(existing: dict, new: dict, root: Path | str) -> None:
+    """Raise a UsageError naming every identity field where `new` differs from the store's."""
+    if existing.get("format_version", 0) > FORMAT_VERSION:
+        raise UsageError(f"store {root} has format_version {existing['format_version']}; this saelab "
+                         f"reads up to {FORMAT_VERSION}. Upgrade saelab or use another --out.")
+    problems = []
+    for name in IDENTITY_FIELDS:
+        a, b = get_nested(existing, name), get_nested(new, name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    problems.append((f"{name}.{k}", a.get(k), b.get(k)))
+        elif a != b:
+            if name == "hooks":
+                a = [(h.get("name"), h.get("width")) for h in a or []]
+                b = [(h.get("name"), h.get("width")) for h in b or []]
+            problems.append((name, a, b))
+    if problems:
+        lines = [f"{f}={_short(a)}; this run asks for {_short(b)}" for f, a, b in problems]
+        raise UsageError(f"store {root} was collected with " + ("\n  ".join(lines) if len(lines) == 1 else
+                         "\n  - " + "\n  - ".join(lines) + "\n ") + ". Use another --out or the same settings.")
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else v
+    return s if len(s) <= 200 else s[:197] + "..."
+
+

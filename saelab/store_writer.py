@@ -1,0 +1,448 @@
+"""The shard writer: appends complete chunks to one shard of a store, atomically and resumably.
+
+Owns: creating or joining a store (store.json, first writer wins), locking a shard to one process,
+cleaning up after a crash, the fp16 conversion, and the shard manifest. Leaves out: what the rows
+are (collect.py decides the batch grid and which positions to keep) and reading (store.py).
+
+Per element x of a hook's activations [N, D]:
+
+    stored = fp16( clip(x, -65504, +65504) )      overflow = #{ |x| > 65504 }      nan = #{ x is NaN }
+
+NaN is stored as NaN and counted; `saelab verify` reports it.
+
+Crash safety: chunk files go tmp -> fsync -> rename, then the manifest (tmp -> fsync -> rename)
+lists them. On open, a writer deletes `*.tmp` files and chunk files its manifest does not list, so
+the next chunk it writes is exactly the one an uninterrupted run would have written next.
+A full disk or a read-only directory becomes a UsageError that says so and that re-running resumes.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saelab.errors import UsageError
+from saelab.store_format import (
+    FORMAT_VERSION, LOCK_FILE, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
+    FP16_MAX, check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header, os_error_to_usage,
+    read_json, sha256_file, shard_dir_name, write_bytes_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _ArrayFile:
+    """An .npy file written row by row to `<name>.tmp`, its header fixed up at the end."""
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.dtype, self.row_shape, self.rows = np.dtype(dtype), row_shape, 0
+        try:
+            self.f = open(self.tmp, "wb")
+            self.f.write(npy_header(self.dtype, (0, *row_shape)))
+        except OSError as e:
+            raise os_error_to_usage(e, self.tmp) from None
+
+    def append(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        assert a.shape[1:] == self.row_shape, f"{self.path.name}: rows {a.shape[1:]} != {self.row_shape}"
+        try:
+            self.f.write(memoryview(a).cast("B"))
+        except OSError as e:
+            self.abort()
+            raise os_error_to_usage(e, self.tmp) from None
+        self.rows += a.shape[0]
+
+    def commit(self) -> dict:
+        """Fix the header, check the size, hash, fsync and rename. Returns the manifest entry."""
+        shape = (self.rows, *self.row_shape)
+        nbytes = NPY_HEADER_BYTES + self.rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        try:
+            self.f.seek(0)
+            self.f.write(npy_header(self.dtype, shape))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            size = os.fstat(self.f.fileno()).st_size
+            self.f.close()
+            if size != nbytes:  # numpy and some file systems report a full disk without an errno
+                raise OSError(errno.ENOSPC, f"wrote {size} of {nbytes} bytes")
+            digest = sha256_file(self.tmp)
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise os_error_to_usage(e, self.tmp) from None
+        return {"file": self.path.name, "sha256": digest, "bytes": nbytes, "shape": list(shape),
+                "dtype": self.dtype.name}
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+class ChunkBuilder:
+    """A chunk being written batch by batch (memory bounded by one batch, not by the chunk).
+
+    Get one from `ShardWriter.begin_chunk()`, call `append(...)` once per forward batch, then
+    `commit(sequences_done, batches_done)`; `abort()` throws it away. `ShardWriter.write_chunk`
+    does all three for a chunk held in memory.
+    """
+
+    def __init__(self, writer: ShardWriter, index: int):
+        self.writer, self.index = writer, index
+        d, hooks = writer.shard_dir, writer.hooks
+        self.files = {
+            TOKENS: _ArrayFile(d / chunk_file_name(index, TOKENS), np.int32, ()),
+            SEQPOS: _ArrayFile(d / chunk_file_name(index, SEQPOS), np.int32, (2,)),
+        }
+        for h in hooks:
+            self.files[h["name"]] = _ArrayFile(d / chunk_file_name(index, h["key"]), np.float16, (h["width"],))
+        self.overflow = {h["name"]: 0 for h in hooks}
+        self.nan = {h["name"]: 0 for h in hooks}
+        self.num_tokens = 0
+
+    def append(self, tokens_N, seqpos_N2, acts: dict[str, Any], overflow: dict[str, int] | None = None) -> None:
+        """Add N rows: token ids [N], (sequence, position) [N, 2], and hook name -> activations [N, D]
+        (numpy or torch, any float dtype). `overflow` adds counts of values the caller already
+        clamped to the fp16 range (per hook) to the chunk's own count."""
+        tokens_N = _as_numpy(tokens_N)
+        seqpos_N2 = _as_numpy(seqpos_N2)
+        n = tokens_N.shape[0]
+        problems = []
+        if tokens_N.ndim != 1:
+            problems.append(f"tokens must be 1-D [N], got shape {tokens_N.shape}")
+        if seqpos_N2.shape != (n, 2):
+            problems.append(f"seqpos must be [N, 2] = [{n}, 2], got {seqpos_N2.shape}")
+        expected = {h["name"]: h["width"] for h in self.writer.hooks}
+        if set(acts) != set(expected):
+            problems.append(f"activations given for {sorted(acts)}, the store holds {sorted(expected)}")
+        for name, x in acts.items():
+            if name in expected and tuple(x.shape) != (n, expected[name]):
+                problems.append(f"{name}: activations of shape {tuple(x.shape)}, expected [{n}, {expected[name]}]")
+        if problems:
+            self.abort()
+            raise UsageError("write_chunk got arrays that do not match the store:\n"
+                             + "\n".join(f"  - {p}" for p in problems))
+        try:
+            self.files[TOKENS].append(tokens_N.astype(np.int32, copy=False))
+            self.files[SEQPOS].append(seqpos_N2.astype(np.int32, copy=False))
+            for name, x in acts.items():
+                x16, over, nan = to_fp16(_as_numpy(x))
+                self.overflow[name] += over
+                self.nan[name] += nan
+                self.files[name].append(x16)
+        except UsageError:  # disk full or not writable: leave no tmp files behind
+            self.abort()
+            raise
+        for name, count in (overflow or {}).items():
+            self.overflow[name] = self.overflow.get(name, 0) + int(count)
+        self.num_tokens += n
+
+    def commit(self, sequences_done: int, batches_done: int) -> ChunkEntry:
+        """Close every file (tmp -> fsync -> rename), then record the chunk in the shard manifest."""
+        files = {}
+        try:
+            for name, af in self.files.items():
+                files[name] = af.commit()
+        except UsageError:
+            self.abort()
+            raise
+        entry = ChunkEntry(self.index, self.num_tokens, files, self.overflow, self.nan,
+                           int(sequences_done), int(batches_done), time.time())
+        for name, count in self.overflow.items():
+            if count:
+                log.warning("chunk %d of %s: %d activation values of %s were beyond the fp16 range "
+                            "(+-65504) and were clamped", self.index, self.writer.shard_dir, count, name)
+        self.writer._record(entry)
+        return entry
+
+    def abort(self) -> None:
+        for af in self.files.values():
+            af.abort()
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # a torch tensor: bf16 has no numpy dtype, so go through float32
+        t = x.detach().cpu()
+        if t.is_floating_point() and str(t.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+            t = t.float()
+        return t.numpy()
+    return np.asarray(x)
+
+
+def to_fp16(x_ND: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """fp16(clip(x, +-65504)), the number of clamped values and the number of NaNs."""
+    nan = 0
+    hi, lo = x_ND.max(initial=-np.inf), x_ND.min(initial=np.inf)
+    if np.isnan(hi) or np.isnan(lo):
+        nan = int(np.count_nonzero(np.isnan(x_ND)))
+        hi, lo = np.nanmax(x_ND, initial=-np.inf), np.nanmin(x_ND, initial=np.inf)
+    over = 0
+    if hi > FP16_MAX or lo < -FP16_MAX:
+        over = int(np.count_nonzero(np.abs(x_ND) > FP16_MAX))
+        x_ND = np.clip(x_ND, -FP16_MAX, FP16_MAX)
+    return x_ND.astype(np.float16), over, nan
+
+
+class ShardWriter:
+    """Writes the chunks of one shard of a store; the resume point is read from its manifest.
+
+    Use `ShardWriter.open(root, run_meta, shard, num_shards)`, then `write_chunk(...)` (or
+    `begin_chunk()` for batch-by-batch writing) and `finish()`. One process per shard: the shard is
+    locked (flock) while open; a crashed process's lock goes away with it.
+    """
+
+    def __init__(self, root: Path, meta: dict, shard: int, num_shards: int, manifest: dict, lock_fd: int):
+        self.root, self.meta, self.shard, self.num_shards = root, meta, shard, num_shards
+        self.shard_dir = root / shard_dir_name(shard)
+        self.hooks: list[dict] = meta["hooks"]
+        self.manifest = manifest
+        self._lock_fd: int | None = lock_fd
+
+    # -- resume point
+    @property
+    def chunks(self) -> list[ChunkEntry]:
+        return [ChunkEntry.from_json(c) for c in self.manifest["chunks"]]
+
+    @property
+    def sequences_done(self) -> int:
+        return self.manifest["sequences_done"]
+
+    @property
+    def batches_done(self) -> int:
+        return self.manifest["batches_done"]
+
+    @property
+    def tokens_done(self) -> int:
+        return sum(c["num_tokens"] for c in self.manifest["chunks"])
+
+    @property
+    def chunks_done(self) -> int:
+        return len(self.manifest["chunks"])
+
+    @property
+    def done(self) -> bool:
+        return bool(self.manifest["done"])
+
+    @classmethod
+    def open(cls, root: str | Path, run_meta: dict, shard: int, num_shards: int) -> ShardWriter:
+        """Create or join the store at `root` and open shard `shard` of `num_shards` for writing.
+
+        `run_meta` is the store.json content (see docs/architecture.md); `format_version`,
+        `saelab_version`, `dtype`, `num_shards` and each hook's `key` are filled in if absent.
+
+        Raises:
+            UsageError: the store exists with different identity fields, the shard is being
+                written by another process, or the directory is not writable.
+        """
+        root = Path(root)
+        if not 0 <= shard < num_shards:
+            raise UsageError(f"shard {shard} is out of range for {num_shards} shards: use --shard 0 .. {num_shards - 1}.")
+        meta = _complete_meta(run_meta, num_shards)
+        shard_dir = root / shard_dir_name(shard)
+        try:
+            shard_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error_to_usage(e, shard_dir, "cannot create the store: ") from None
+        meta = _create_or_check_store_json(root, meta)
+        lock_fd = _lock_shard(shard_dir, shard, root)
+        try:
+            manifest = _load_or_new_manifest(shard_dir, shard, num_shards)
+            _clean_shard_dir(shard_dir, manifest)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        w = cls(root, meta, shard, num_shards, manifest, lock_fd)
+        w.manifest["session_started_at"] = time.time()
+        w.manifest["session_tokens_start"] = w.tokens_done
+        w._save_manifest()
+        if w.chunks_done:
+            log.info("resuming %s at chunk %d (%d sequences, %d tokens done)",
+                     shard_dir, w.chunks_done, w.sequences_done, w.tokens_done)
+        return w
+
+    def begin_chunk(self) -> ChunkBuilder:
+        """Start the next chunk, to be filled batch by batch."""
+        self._check_open()
+        return ChunkBuilder(self, self.chunks_done)
+
+    def write_chunk(self, tokens_N, seqpos_N2, acts: dict[str, Any], sequences_done: int,
+                    batches_done: int, overflow: dict[str, int] | None = None) -> ChunkEntry:
+        """Write one complete chunk atomically and record it, with the shard's progress after it.
+
+        Args:
+            tokens_N: int token ids [N].
+            seqpos_N2: int (global sequence index, position) [N, 2].
+            acts: hook name -> float activations [N, D] (numpy or torch); stored as fp16.
+            sequences_done, batches_done: the resume point once this chunk is on disk.
+            overflow: hook name -> values the caller already clamped (added to the chunk's count).
+        """
+        b = self.begin_chunk()
+        b.append(tokens_N, seqpos_N2, acts, overflow)
+        return b.commit(sequences_done, batches_done)
+
+    def finish(self) -> None:
+        """Mark the shard complete and release it."""
+        self._check_open()
+        self.manifest["done"] = True
+        self._save_manifest()
+        self.close()
+
+    def close(self) -> None:
+        """Release the shard lock without marking it done (the shard can be resumed later)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError(f"ShardWriter for {self.shard_dir} is closed; open it again to write more.")
+
+    def _record(self, entry: ChunkEntry) -> None:
+        self._check_open()
+        fsync_dir(self.shard_dir)
+        m = self.manifest
+        m["chunks"].append(entry.to_json())
+        m["sequences_done"], m["batches_done"] = entry.sequences_done, entry.batches_done
+        m["tokens_done"] = self.tokens_done
+        m["done"] = False
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        self.manifest["updated_at"] = time.time()
+        write_bytes_atomic(self.shard_dir / MANIFEST_JSON, json_bytes(self.manifest))
+
+
+def _complete_meta(run_meta: dict, num_shards: int) -> dict:
+    from saelab import __version__
+
+    meta = json.loads(json.dumps(run_meta))  # a deep, JSON-safe copy
+    if meta.get("num_shards", num_shards) != num_shards:
+        raise UsageError(f"run_meta says num_shards={meta['num_shards']} but the writer was opened with {num_shards}.")
+    meta["num_shards"] = num_shards
+    meta.setdefault("format_version", FORMAT_VERSION)
+    meta.setdefault("saelab_version", __version__)
+    meta.setdefault("dtype", "float16")
+    if not meta.get("hooks"):
+        raise UsageError("run_meta has no hooks: pass hooks=[{'name': ..., 'width': ...}, ...].")
+    keys = set()
+    for h in meta["hooks"]:
+        h.setdefault("key", hook_key(h["name"]))
+        if h["key"] in (TOKENS, SEQPOS) or h["key"] in keys:
+            raise UsageError(f"hook {h['name']!r} gives the file key {h['key']!r}, which is taken.")
+        keys.add(h["key"])
+    return meta
+
+
+def _create_or_check_store_json(root: Path, meta: dict) -> dict:
+    """First writer wins (tmp + hard link, which fails if store.json exists); everyone else compares."""
+    path = root / STORE_JSON
+    if not path.exists():
+        tmp = root / f"{STORE_JSON}.{socket.gethostname()}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json_bytes(meta))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                if not path.exists():  # no hard links on this file system: a small race remains
+                    os.replace(tmp, path)
+            fsync_dir(root)
+        except OSError as e:
+            raise os_error_to_usage(e, path, "cannot create the store: ") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    existing = read_json(path, "store manifest")
+    check_identity(existing, meta, root)
+    return existing
+
+
+def _lock_shard(shard_dir: Path, shard: int, root: Path) -> int:
+    import fcntl
+
+    path = shard_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise os_error_to_usage(e, path, "cannot open the shard: ") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"shard {shard} of {root} is being written by another process. Wait for it "
+                         f"to finish, stop it, or give this run another --shard.") from None
+    return fd
+
+
+def shard_is_locked(shard_dir: Path) -> bool:
+    """True when a live writer holds the shard (used by `saelab monitor`)."""
+    import fcntl
+
+    try:
+        fd = os.open(shard_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _load_or_new_manifest(shard_dir: Path, shard: int, num_shards: int) -> dict:
+    path = shard_dir / MANIFEST_JSON
+    if not path.exists():
+        return {"format_version": FORMAT_VERSION, "shard": shard, "num_shards": num_shards,
+                "sequences_done": 0, "batches_done": 0, "tokens_done": 0, "done": False,
+                "created_at": time.time(), "chunks": []}
+    m = read_json(path, "shard manifest")
+    if m.get("shard") != shard or m.get("num_shards") != num_shards:
+        raise UsageError(f"{path} belongs to shard {m.get('shard')} of {m.get('num_shards')}, not "
+                         f"{shard} of {num_shards}. Use the same --num-shards or another --out.")
+    problems = []
+    for c in m["chunks"]:
+        for f in c["files"].values():
+            p = shard_dir / f["file"]
+            size = p.stat().st_size if p.exists() else None
+            if size != f["bytes"]:
+                problems.append(f"{p}: " + ("missing" if size is None else f"{size} bytes, manifest says {f['bytes']}"))
+    if problems:
+        raise UsageError(f"shard {shard_dir} lists chunks that are damaged:\n  - " + "\n  - ".join(problems)
+                         + f"\n  Run `saelab verify {shard_dir.parent}`; delete {shard_dir} to collect this shard again.")
+    return m
+
+
+def _clean_shard_dir(shard_dir: Path, manifest: dict) -> None:
+    listed = {f["file"] for c in manifest["chunks"] for f in c["files"].values()}
+    for p in shard_dir.iterdir():
+        if p.name.endswith(".tmp") or (p.name.startswith("chunk_") and p.name not in listed):
+            log.info("removing leftover %s", p)
+            p.unlink(missing_ok=True)
