@@ -1,0 +1,318 @@
+"""Collect activations: run a model over a corpus and write hook-point activations to a store.
+
+Owns the loop `corpus -> packed sequences -> forward batches -> chunks`; the on-disk format,
+atomic writes and resume bookkeeping belong to `saelab.store`, model loading and hooks to
+`saelab.models`, reading and packing text to `saelab.corpus`.
+
+Sharding and the batch grid:
+    sequence i of the packed corpus belongs to shard  i mod num_shards
+    shard s cuts its own sequences into forward batches of `batch_size`
+    a chunk closes after the batch that brings it to >= chunk_tokens stored rows
+So a chunk always ends on a batch boundary; a resumed run skips `batches_done * batch_size` of the
+shard's sequences and recomputes exactly the batches an uninterrupted run would have, which makes
+the finished store byte-identical to an uninterrupted one.
+
+Which positions are stored: every position of a packed sequence except BOS and padding (their
+activations are huge outliers), unless `keep_special`. fp16 overflow is clamped and counted.
+
+Deliberately left out: the store format (store.py), parallel writers on other machines (each is the
+same command with its own --shard), and streaming to training (train.py reads models directly).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saelab.errors import UsageError
+from saelab.store_format import shard_target
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class CollectConfig:
+    """Everything `saelab collect` needs; field name = flag = YAML key."""
+
+    out: str | None = None
+    """Store directory (default: data/run, or data/lora_<adapter initials> such as data/lora_gudqkvo for a
+    lora: hook). Re-running the same command into it resumes; other settings are refused."""
+    model: str = "default"
+    """Model: `default` (embedded SmolLM2-135M-Instruct), a .gguf file, a local HF directory or a hub id."""
+    layer: list[int] = field(default_factory=list)
+    """Residual stream after these decoder layers (shorthand for --hook model.layers.N); comma-separated."""
+    hook: list[str] = field(default_factory=list)
+    """Hook points by module path with optional :input/:output, comma-separated (see `saelab hooks`)."""
+    adapter: str | None = None
+    """A peft LoRA adapter directory to load on top of --model."""
+    corpus: str = "sotu"
+    """Text file, folder of .txt, .jsonl, .parquet, a built-in name (sotu, shakespeare, champ, champ-cot) or hf:NAME."""
+    text_field: str = "text"
+    """JSONL / Parquet field that holds the text."""
+    text_template: str | None = None
+    """Join several JSONL fields, e.g. '{question}\\n{reasoning}\\n{answer}'."""
+    tokens: int = 1_000_000
+    """Activations to store in total over all shards (accepts 10M, 500k)."""
+    chunk_tokens: int = 262_144
+    """Rows per chunk file (a chunk closes on the batch that reaches this)."""
+    max_length: int = 1024
+    """Tokens per packed sequence (BOS/EOS between documents)."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    keep_special: bool = False
+    """Also store BOS and padding positions (left out by default: their activations are outliers)."""
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
+    """Model weights dtype for the forward pass (the store is always fp16)."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N, or auto (spread over all GPUs with accelerate's device map)."""
+    shard: int = 0
+    """This writer's shard index, 0 .. num_shards-1."""
+    num_shards: int = 1
+    """Writers sharing the corpus (processes, GPUs or machines on a shared disk)."""
+    parallel: int = 1
+    """Start this many local writer processes (one per shard) and wait for them."""
+    verify: bool = False
+    """Verify the whole store (sha256, NaN/inf, shapes) when collection ends."""
+
+    def __post_init__(self):
+        if self.out is None:
+            from saelab.models.lora import default_store_name
+
+            self.out = f"data/{default_store_name(self.hook) or 'run'}"
+        problems = []
+        for name in ("tokens", "chunk_tokens", "max_length", "batch_size", "num_shards", "parallel"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.shard < max(self.num_shards, 1):
+            problems.append(f"--shard {self.shard} is outside 0 .. {self.num_shards - 1} (--num-shards {self.num_shards})")
+        if self.parallel > 1 and self.num_shards not in (1, self.parallel):
+            problems.append("--parallel P starts shards 0..P-1 itself: leave --num-shards out or set it to P")
+        if self.max_length < 2:
+            problems.append("--max-length must be at least 2")
+        if problems:
+            raise UsageError("collect settings have problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def hook_names(self) -> list[str]:
+        from saelab.models import layer_hook
+
+        names = [layer_hook(i) for i in self.layer] + list(self.hook)
+        return list(dict.fromkeys(names)) or [layer_hook(15)]
+
+
+@dataclass
+class CollectResult:
+    """What a collect run did."""
+
+    out: Path
+    """The store directory."""
+    tokens: int
+    """Rows stored by this shard (all of them, resumed or not)."""
+    chunks: int
+    """Chunk files of this shard per hook."""
+    seconds: float
+    """Wall time of this invocation."""
+    tokens_per_second: float
+    """Rows stored per second during this invocation (model + store)."""
+    overflow: int
+    """Activations clamped to the fp16 range."""
+
+
+def _batches(sequences, batch_size):
+    it = iter(sequences)
+    while batch := list(itertools.islice(it, batch_size)):
+        yield batch
+
+
+def run_meta(cfg: CollectConfig, loaded, hook_points, widths, corpus) -> dict:
+    """The store-level manifest for this run (store.json)."""
+    from saelab import __version__
+    from saelab.store import hook_key
+
+    from saelab.models import tokenizer_info
+    from saelab.models.lora import slices_json
+
+    lora = [h for h in hook_points if hasattr(h, "slices")]
+    return {
+        "saelab_version": __version__,
+        "model": {k: loaded.info.get(k) for k in ("spec", "name", "sha256", "architecture", "num_layers", "d_model")},
+        "hooks": [{"name": h.name, "width": widths[h.name], "key": hook_key(h.name)} for h in hook_points],
+        "dtype": "float16",
+        # named after the model, not the tokenizer's path (a cache path differs between machines)
+        "tokenizer": dict(tokenizer_info(loaded.tokenizer), name=loaded.info.get("name")),
+        "corpus": {"spec": corpus.name, "fingerprint": corpus.fingerprint},
+        "max_length": cfg.max_length,
+        "keep_special": cfg.keep_special,
+        "batch_size": cfg.batch_size,
+        "chunk_tokens": cfg.chunk_tokens,
+        "tokens_target": cfg.tokens,
+        "num_shards": cfg.num_shards,
+        "adapter": loaded.info.get("adapter"),
+        # LoRA hooks: hook name -> coordinate map [{layer, type, module, rank, start, stop}, ...]
+        **({"slices": {h.name: slices_json(h) for h in lora}} if lora else {}),
+    }
+
+
+def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
+    """Run one writer (shard `cfg.shard` of `cfg.num_shards`) to completion; resume if possible."""
+    if cfg.parallel > 1:
+        return collect_parallel(cfg, quiet=quiet)
+    from saelab.corpus import pack_sequences, resolve_corpus
+    from saelab.models import capture, load_model, resolve_hooks
+    from saelab.store import ShardWriter
+
+    t_start = time.perf_counter()
+    corpus = resolve_corpus(cfg.corpus, text_field=cfg.text_field, text_template=cfg.text_template)
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter, quiet=quiet)
+    model, tok = loaded.model, loaded.tokenizer
+    hook_points = resolve_hooks(model, cfg.hook_names())
+    widths = _hook_widths(model, hook_points)
+    meta = run_meta(cfg, loaded, hook_points, widths, corpus)
+    writer = ShardWriter.open(cfg.out, meta, shard=cfg.shard, num_shards=cfg.num_shards)
+    target = shard_target(cfg.tokens, cfg.shard, cfg.num_shards)
+    if writer.done or writer.tokens_done >= target:
+        log.info("shard %d of %s is already complete (%s tokens)", cfg.shard, cfg.out, f"{writer.tokens_done:,}")
+        writer.finish()
+        return CollectResult(Path(cfg.out), writer.tokens_done, writer.chunks_done, 0.0, 0.0, 0)
+
+    tokz = meta["tokenizer"]  # bos/eos/pad ids
+    packed = pack_sequences(corpus.documents(), tok, cfg.max_length, bos_id=tokz["bos_id"],
+                            eos_id=tokz["eos_id"], pad_id=tokz["pad_id"], keep_special=cfg.keep_special)
+    mine = ((i, s) for i, s in enumerate(packed) if i % cfg.num_shards == cfg.shard)
+    batches = _batches(mine, cfg.batch_size)
+    skipped = sum(1 for _ in itertools.islice(batches, writer.batches_done))
+    if skipped:
+        log.info("resuming shard %d at batch %d (%s tokens already stored)", cfg.shard, skipped, f"{writer.tokens_done:,}")
+
+    device = next(model.parameters()).device
+    tokens_done, batches_done, overflow_total, new_tokens = writer.tokens_done, writer.batches_done, 0, 0
+    chunk = None
+    bar = tqdm(total=target, initial=min(tokens_done, target), unit="tok", unit_scale=True,
+               desc=f"collect shard {cfg.shard}", disable=quiet, dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def close_chunk():
+        nonlocal chunk, overflow_total
+        entry = chunk.commit(sequences_done=batches_done * cfg.batch_size, batches_done=batches_done)
+        overflow_total += sum(entry.overflow.values())
+        chunk = None
+
+    try:
+        for batch in batches:
+            seq_idx_B = np.asarray([i for i, _ in batch], dtype=np.int64)
+            ids_BS = torch.tensor(np.stack([s.input_ids for _, s in batch]), dtype=torch.long)
+            mask_BS = torch.tensor(np.stack([s.attention_mask for _, s in batch]), dtype=torch.long)
+            keep_BS = torch.tensor(np.stack([s.keep_mask for _, s in batch]), dtype=torch.bool)
+            acts = capture(model, hook_points, ids_BS.to(device), mask_BS.to(device), stop_early=True)
+            rows_b, rows_s = keep_BS.nonzero(as_tuple=True)
+            chunk = chunk or writer.begin_chunk()
+            chunk.append(
+                ids_BS[rows_b, rows_s].numpy().astype(np.int32),
+                np.stack([seq_idx_B[rows_b.numpy()], rows_s.numpy()], 1).astype(np.int32),
+                {name: a[rows_b.to(a.device), rows_s.to(a.device)] for name, a in acts.items()},
+            )
+            batches_done += 1
+            n = len(rows_b)
+            tokens_done += n
+            new_tokens += n
+            bar.update(min(n, max(0, target - bar.n)))
+            if chunk.num_tokens >= cfg.chunk_tokens or tokens_done >= target:
+                close_chunk()
+            if tokens_done >= target:
+                break
+        else:
+            if chunk is not None:
+                close_chunk()
+            log.warning("corpus %s ran out after %s tokens for shard %d (target %s)", corpus.name,
+                        f"{tokens_done:,}", cfg.shard, f"{target:,}")
+        writer.finish()
+    finally:
+        if chunk is not None:
+            chunk.abort()
+        writer.close()
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    result = CollectResult(Path(cfg.out), tokens_done, writer.chunks_done, time.perf_counter() - t_start,
+                           new_tokens / elapsed if elapsed > 0 else 0.0, overflow_total)
+    if cfg.verify:
+        _verify_or_raise(cfg.out)
+    return result
+
+
+def _hook_widths(model, hook_points) -> dict[str, int]:
+    """Width of each hook's activation, from one forward pass on two tokens."""
+    from saelab.models import capture
+
+    device = next(model.parameters()).device
+    ids = torch.ones(1, 2, dtype=torch.long, device=device)
+    acts = capture(model, hook_points, ids, torch.ones_like(ids), stop_early=True)
+    return {name: int(a.shape[-1]) for name, a in acts.items()}
+
+
+def _verify_or_raise(path) -> None:
+    from saelab.store_check import verify_store
+
+    report = verify_store(path)
+    if report.problems:
+        raise UsageError(f"verify found {len(report.problems)} problem(s) in {path}:\n"
+                         + "\n".join(f"  - {p}" for p in report.problems))
+    log.info("verify: %s is sound", path)
+
+
+def collect_parallel(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
+    """Start `cfg.parallel` writer processes (shards 0..P-1) and follow them until all finish."""
+    from saelab.config import to_dict
+
+    p = cfg.parallel
+    threads = max(1, (os.cpu_count() or 1) // p)
+    procs = []
+    t0 = time.perf_counter()
+    for s in range(p):
+        child = dataclasses.replace(cfg, shard=s, num_shards=p, parallel=1, verify=False)
+        argv = [sys.executable, "-m", "saelab", "collect", "--quiet"]
+        for k, v in to_dict(child).items():
+            if v is None or v == [] or isinstance(v, bool) and not v:
+                continue
+            flag = "--" + k.replace("_", "-")
+            argv += [flag] if v is True else [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), SAELAB_TORCH_THREADS=str(threads))
+        procs.append(subprocess.Popen(argv, env=env))
+    bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc=f"collect x{p}", disable=quiet)
+    while any(pr.poll() is None for pr in procs):
+        time.sleep(2.0)
+        bar.n = _tokens_on_disk(cfg.out)
+        bar.refresh()
+    bar.n = _tokens_on_disk(cfg.out)
+    bar.close()
+    failed = [s for s, pr in enumerate(procs) if pr.returncode != 0]
+    if failed:
+        raise UsageError(f"writer process(es) for shard(s) {failed} failed (see their messages above). "
+                         "Re-run the same command to resume; finished shards are kept.")
+    if cfg.verify:
+        _verify_or_raise(cfg.out)
+    elapsed = time.perf_counter() - t0
+    total = _tokens_on_disk(cfg.out)
+    return CollectResult(Path(cfg.out), total, 0, elapsed, total / elapsed if elapsed else 0.0, 0)
+
+
+def _tokens_on_disk(out) -> int:
+    import json
+
+    total = 0
+    for m in sorted(Path(out).glob("shard_*/manifest.json")):
+        try:
+            total += int(json.loads(m.read_text()).get("tokens_done", 0))
+        except (OSError, ValueError):
+            pass
+    return total
