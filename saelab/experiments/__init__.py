@@ -17,4 +17,5 @@ from __future__ import annotations
 # name (as typed after `saelab experiment`) -> module. Adding an experiment = one line here.
 EXPERIMENTS: dict[str, str] = {
     "toy": "saelab.experiments.toy",
+    "reasoning": "saelab.experiments.reasoning",
 }
