@@ -1,0 +1,396 @@
+"""The SAE base: config fields every architecture shares, the module skeleton, save and load.
+
+Shape legend (used across saelab): B batch (tokens), D d_in, F d_sae (latents), K kept per token,
+N rows of a data sample. Weight orientation, fixed everywhere: W_enc_DF, W_dec_FD.
+
+Every architecture computes, with s the input-normalisation scale (a buffer, `input_scale`):
+
+    x_n       = s x                                    normalised input, E||x_n||^2 = d_in
+    pre_BF    = (x_n - b_dec_D) W_enc_DF + b_enc_F     pre-activations
+    f_BF      = act(pre_BF)                            architecture-specific (ReLU, TopK, ...)
+    x_hat_BD  = (f_BF W_dec_FD + b_dec_D) / s
+
+Tied SAEs have no W_enc parameter: W_enc_DF = enc_scale * W_dec_FD^T (enc_scale a scalar buffer).
+
+Folding (done by `save`): with W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s, s' = 1,
+the saved SAE maps raw x to raw x_hat and gives the same f (tied: enc_scale' = s^2 enc_scale).
+Training-time state (unfolded, for exact resume) is the ordinary `state_dict()`.
+
+This module owns: `SAEConfig`, `SAE`, `TrainOutput`, `save`, `load_sae`, the checkpoint format.
+It leaves out the training loop (train.py) and the architecture maths (relu.py, topk.py, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saelab.atomic import commit_dir, fresh_tmp
+from saelab.errors import UsageError, raise_all
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Checkpoint format written by `save`; `load_sae` refuses newer ones."""
+
+InitDirs = Tensor | Callable[[int, int], Tensor] | None
+"""Decoder init: None (random unit rows), a tensor [M, D] (M <= d_sae) of directions for the first M
+latents, or a callable (d_sae, d_in) -> [M, D]."""
+
+
+@dataclass
+class SAEConfig:
+    """Fields every SAE architecture has. Subclasses add their own (k, l1_coeff, ...)."""
+
+    architecture: ClassVar[str] = ""
+
+    d_in: int = 0
+    """Width of the activations (0: taken from the store)."""
+    d_sae: int = 0
+    """Number of latents (0: expansion_factor * d_in)."""
+    expansion_factor: int = 8
+    """Latents per input dimension, used when d_sae is 0."""
+    tied: bool = False
+    """Tie the encoder to the decoder: W_enc = W_dec^T."""
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm (the gradient component parallel to each row is removed)."""
+    init_enc_from_dec: bool = True
+    """Initialise the encoder as the transpose of the decoder."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """How init_from_data_ sets b_dec from a data sample."""
+    normalize_input: bool = True
+    """Scale inputs so that E||s x||^2 = d_in during training (folded into the saved weights)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("d_in", "d_sae", "expansion_factor"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        problems += self._problems()
+        raise_all(problems, f"invalid {type(self).__name__}")
+
+    def _problems(self) -> list[str]:
+        """Architecture-specific validation; return one string per problem."""
+        return []
+
+    def resolved(self, d_in: int | None = None) -> "SAEConfig":
+        """A copy with d_in (from the argument when 0) and d_sae (expansion_factor * d_in when 0)."""
+        d = self.d_in or (d_in or 0)
+        if d <= 0:
+            raise UsageError("d_in is not set: pass --d-in (alias --d_model) or train from a store, "
+                             "which knows the width of its activations.")
+        return dataclasses.replace(self, d_in=d, d_sae=self.d_sae or self.expansion_factor * d)
+
+
+class TrainOutput(NamedTuple):
+    """What `SAE.training_loss` returns. All but `loss` are detached."""
+
+    loss: Tensor
+    """Scalar to backpropagate: mse + sparsity_scale * sparsity + aux."""
+    mse: Tensor
+    """Mean over the batch of ||x_n - x_hat_n||^2 (normalised units, summed over D)."""
+    sparsity: Tensor
+    """Sparsity penalty, coefficient included, before the warm-up scale (0 for TopK)."""
+    aux: Tensor
+    """Auxiliary loss, coefficient included (AuxK for the TopK family, else 0)."""
+    l0: Tensor
+    """Mean number of non-zero latents per token."""
+    fvu: Tensor
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    fired_F: Tensor
+    """bool [F]: latents non-zero on at least one token of the batch."""
+
+
+class SAE(nn.Module):
+    """Base of all architectures. Subclasses implement `activation` and `training_loss`."""
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(self, cfg: SAEConfig, init_dirs_FD: InitDirs = None):
+        super().__init__()
+        if cfg.d_in <= 0 or cfg.d_sae <= 0:
+            cfg = cfg.resolved()
+        self.cfg = cfg
+        D, Fn = cfg.d_in, cfg.d_sae
+        self.W_dec_FD = nn.Parameter(torch.empty(Fn, D))
+        if cfg.tied:
+            self.register_buffer("enc_scale", torch.ones(()))
+        else:
+            self.W_enc_DF = nn.Parameter(torch.empty(D, Fn))
+        self.b_enc_F = nn.Parameter(torch.zeros(Fn))
+        self.b_dec_D = nn.Parameter(torch.zeros(D))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("init_from_dirs_F", torch.zeros(Fn, dtype=torch.bool))
+        self.metadata: dict[str, Any] = {}
+        self.reset_parameters_(init_dirs_FD)
+
+    # ----------------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def reset_parameters_(self, init_dirs_FD: InitDirs = None) -> None:
+        """Random unit decoder rows, optionally the first M from given directions; encoder = W_dec^T."""
+        D, Fn = self.cfg.d_in, self.cfg.d_sae
+        W = torch.randn(Fn, D)
+        self.init_from_dirs_F.zero_()
+        if init_dirs_FD is not None:
+            dirs = init_dirs_FD(Fn, D) if callable(init_dirs_FD) else init_dirs_FD
+            dirs = torch.as_tensor(dirs, dtype=torch.float32)
+            if dirs.ndim != 2 or dirs.shape[1] != D or dirs.shape[0] > Fn:
+                raise UsageError(f"init_dirs_FD has shape {tuple(dirs.shape)}; expected [M, {D}] with "
+                                 f"M <= d_sae = {Fn}. Pass one direction of width d_in per row.")
+            W[: dirs.shape[0]] = dirs.to(W)
+            self.init_from_dirs_F[: dirs.shape[0]] = True
+        W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        if not self.cfg.normalize_decoder:
+            W *= 0.1  # small initial decoder norms when they are free (Conerly et al. 2024 use 0.05-1)
+        self.W_dec_FD.copy_(W)
+        if not self.cfg.tied:
+            if self.cfg.init_enc_from_dec:
+                self.W_enc_DF.copy_(W.T)
+            else:
+                self.W_enc_DF.copy_(torch.empty(D, Fn).uniform_(-1, 1) / math.sqrt(D))
+        self.b_enc_F.zero_()
+        self.b_dec_D.zero_()
+
+    @torch.no_grad()
+    def init_from_data_(self, x_sample_ND: Tensor) -> None:
+        """Set the input scale (E||s x||^2 = d_in) and b_dec (geometric median / mean of s x).
+
+        Args:
+            x_sample_ND: a sample of raw activations, a few thousand rows is plenty.
+        """
+        from saelab.saes.ops import geometric_median
+
+        x = x_sample_ND.to(self.W_dec_FD.device, torch.float32)
+        if self.cfg.normalize_input:
+            ms = x.pow(2).sum(-1).mean()
+            if not torch.isfinite(ms) or ms <= 0:
+                raise UsageError(f"cannot normalise inputs: mean squared norm of the sample is {ms.item()}. "
+                                 "Check the activations (all zeros? NaN?).")
+            self.input_scale.fill_(math.sqrt(self.cfg.d_in / ms.item()))
+        xn = x * self.input_scale
+        if self.cfg.b_dec_init == "geometric_median":
+            self.b_dec_D.copy_(geometric_median(xn))
+        elif self.cfg.b_dec_init == "mean":
+            self.b_dec_D.copy_(xn.mean(0))
+
+    # -------------------------------------------------------------------------------- the maths
+    def W_enc(self) -> Tensor:
+        """The encoder matrix [D, F] (a view of the decoder for tied SAEs)."""
+        if self.cfg.tied:
+            return self.W_dec_FD.T * self.enc_scale
+        return self.W_enc_DF
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        """pre_BF = (s x - b_dec) W_enc + b_enc."""
+        return self.pre_acts_n(x_BD * self.input_scale, self.W_enc())
+
+    def pre_acts_n(self, x_n_BD: Tensor, W_enc_DF: Tensor) -> Tensor:
+        """pre_BF = x_n W_enc + (b_enc - b_dec W_enc), from normalised input.
+
+        Same value as (x_n - b_dec) W_enc + b_enc, but autograd needs no [B, D] input gradient for
+        b_dec (one dense matmul fewer): dL/db_dec = -W_enc sum_b dL/dpre_b.
+        """
+        return torch.addmm(self.b_enc_F - self.b_dec_D @ W_enc_DF, x_n_BD, W_enc_DF)
+
+    def activation(self, pre_BF: Tensor) -> Tensor:
+        """f_BF = act(pre_BF); each architecture defines it."""
+        raise NotImplementedError
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """f_BF = act((s x - b_dec) W_enc + b_enc): the latent activations [B, F]."""
+        return self.activation(self.pre_acts(x_BD))
+
+    def decode(self, f_BF: Tensor) -> Tensor:
+        """x_hat_BD = (f W_dec + b_dec) / s."""
+        return (f_BF @ self.W_dec_FD + self.b_dec_D) / self.input_scale
+
+    def forward(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_hat_BD, f_BF)."""
+        f_BF = self.encode(x_BD)
+        return self.decode(f_BF), f_BF
+
+    # ----------------------------------------------------------------------------- training hooks
+    def training_loss(self, x_BD: Tensor, sparsity_scale: float = 1.0) -> TrainOutput:
+        """Loss of one batch of raw activations (normalised inside); see TrainOutput."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def before_optimizer_step_(self) -> None:
+        """Remove the decoder-gradient component parallel to each (unit) decoder row."""
+        if self.cfg.normalize_decoder and self.W_dec_FD.grad is not None:
+            from saelab.saes.ops import remove_parallel_grad_
+
+            remove_parallel_grad_(self.W_dec_FD.grad, self.W_dec_FD)
+
+    @torch.no_grad()
+    def after_optimizer_step_(self) -> None:
+        """Renormalise decoder rows to unit norm."""
+        if self.cfg.normalize_decoder:
+            self.W_dec_FD /= self.W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    # ------------------------------------------------------------------------------- save / load
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """The state_dict with the input scale folded into the weights (see module docstring)."""
+        s = self.input_scale.double()
+        out = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        out["W_dec_FD"] = (out["W_dec_FD"].double() / s).to(out["W_dec_FD"].dtype)
+        out["b_dec_D"] = (out["b_dec_D"].double() / s).to(out["b_dec_D"].dtype)
+        if self.cfg.tied:
+            out["enc_scale"] = (out["enc_scale"].double() * s * s).to(out["enc_scale"].dtype)
+        else:
+            out["W_enc_DF"] = (out["W_enc_DF"].double() * s).to(out["W_enc_DF"].dtype)
+        out["input_scale"] = torch.ones_like(out["input_scale"])
+        return out
+
+    def config_dict(self) -> dict[str, Any]:
+        """cfg.json: architecture, every config field, format and saelab versions."""
+        from saelab import __version__
+        from saelab.config import to_dict
+
+        return {"architecture": self.cfg.architecture, **to_dict(self.cfg),
+                "format_version": FORMAT_VERSION, "saelab_version": __version__}
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write cfg.json, model.safetensors (normalisation folded) and metadata.json atomically.
+
+        The directory is written as `path.tmp/`, then renamed over `path` (an old `path` is moved
+        aside first and deleted after the rename), so a crash never leaves a half-written SAE.
+        """
+        from safetensors.torch import save_file
+
+        final = Path(path)
+        tmp = fresh_tmp(final)
+        tensors = {k: v.contiguous().cpu() for k, v in self.folded_state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        meta = dict(metadata if metadata is not None else self.metadata)
+        meta["weights_sha256"] = _sha256(tmp / "model.safetensors")
+        (tmp / "cfg.json").write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        commit_dir(tmp, final)
+        return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_cfg(path: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
+    """Parse `path/cfg.json` into the architecture's config; returns (cfg, raw dict).
+
+    Raises:
+        UsageError: missing file, newer format_version, or unknown architecture.
+    """
+    from saelab.config import config_from_dict
+    from saelab.saes import REGISTRY
+
+    p = Path(path)
+    cfg_path = p / "cfg.json"
+    if not cfg_path.is_file():
+        hint = f" A half-finished save may have left {p.name}.old or {p.name}.tmp beside it." if (
+            p.with_name(p.name + ".old").exists() or p.with_name(p.name + ".tmp").exists()) else ""
+        raise UsageError(f"{p} is not an SAE directory: {cfg_path} is missing. Pass a directory written "
+                         f"by `saelab train` (e.g. runs/NAME/sae_best).{hint}")
+    raw = json.loads(cfg_path.read_text())
+    version = raw.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise UsageError(f"{cfg_path} has format_version {version}, newer than this saelab reads "
+                         f"({FORMAT_VERSION}; written by saelab {raw.get('saelab_version', '?')}). "
+                         "Upgrade saelab (pip install -U saelab) to load it.")
+    arch = raw.get("architecture")
+    if arch not in REGISTRY:
+        raise UsageError(f"{cfg_path}: unknown architecture {arch!r}; known: {', '.join(sorted(REGISTRY))}.")
+    fields = {k: v for k, v in raw.items() if k not in ("architecture", "format_version", "saelab_version")}
+    cfg = config_from_dict(REGISTRY[arch][1], fields, str(cfg_path))
+    return cfg, raw
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE directory written by `SAE.save`, checking it thoroughly; returns it in eval mode.
+
+    Checks: format_version not newer, known architecture, sha256 of model.safetensors against
+    metadata.json (a flipped byte anywhere is caught), the exact set of tensor names, their shapes,
+    and that every value is finite.
+
+    Raises:
+        UsageError: naming what is wrong (missing/extra tensors by name, bad shapes, ...).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from saelab.saes import REGISTRY
+
+    p = Path(path)
+    cfg, _ = read_cfg(p)
+    weights = p / "model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{p} has cfg.json but no model.safetensors; the directory is incomplete. "
+                         "Re-save the SAE or use another checkpoint.")
+    meta_path = p / "metadata.json"
+    metadata: dict[str, Any] = {}
+    if meta_path.is_file():
+        metadata = json.loads(meta_path.read_text())
+    expected_sha = metadata.get("weights_sha256")
+    if expected_sha is None:
+        log.warning("%s: no weights_sha256 in metadata.json; cannot detect corrupted bytes", p)
+    else:
+        actual = _sha256(weights)
+        if actual != expected_sha:
+            raise UsageError(f"{weights} is corrupted: its sha256 is {actual[:16]}..., metadata.json records "
+                             f"{expected_sha[:16]}.... Copy the checkpoint again or use another one.")
+    try:
+        tensors = load_file(str(weights))
+    except SafetensorError as e:
+        raise UsageError(f"{weights} is not a readable safetensors file ({e}).") from None
+    sae = REGISTRY[cfg.architecture][0](cfg)
+    expected = {k: v.shape for k, v in sae.state_dict().items()}
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra)}")
+    for name in sorted(set(expected) & set(tensors)):
+        if tuple(tensors[name].shape) != tuple(expected[name]):
+            problems.append(f"tensor {name} has shape {list(tensors[name].shape)}, expected "
+                            f"{list(expected[name])} for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+        elif tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
+            problems.append(f"tensor {name} holds NaN or inf values")
+    raise_all(problems, f"{weights} does not match its cfg.json ({cfg.architecture}); re-save the SAE")
+    sae.load_state_dict(tensors)
+    sae.metadata = metadata
+    return sae.to(device).eval()
+
+
+def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+    """Fraction of variance unexplained of a batch: sum ||x - x_hat||^2 / sum ||x - mean x||^2."""
+    return (x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def stats_output(loss: Tensor, x_BD: Tensor, x_hat_BD: Tensor, l0: Tensor, fired_F: Tensor,
+                 sparsity: Tensor | None = None, aux: Tensor | None = None,
+                 mse: Tensor | None = None) -> TrainOutput:
+    """Assemble a TrainOutput (fvu, and mse unless given, computed here; all but loss detached)."""
+    zero = loss.new_zeros(())
+    with torch.no_grad():
+        err = (x_BD - x_hat_BD).pow(2).sum(-1).mean() if mse is None else mse.detach()
+        v = fvu(x_BD, x_hat_BD)
+    return TrainOutput(loss, err, (sparsity if sparsity is not None else zero).detach(),
+                       (aux if aux is not None else zero).detach(), l0.detach().float(), v, fired_F)
+
+
+__all__ = ["SAEConfig", "SAE", "TrainOutput", "load_sae", "read_cfg", "FORMAT_VERSION", "fvu", "stats_output"]
