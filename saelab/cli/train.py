@@ -1,6 +1,124 @@
-"""`saelab` subcommands for the train stage (being written)."""
+"""`saelab train`: flags and YAML -> TrainConfig -> saelab.train.train; `--eval-only` evaluates a saved SAE.
+
+Flags come from `TrainConfig` (saelab/train.py) plus one group with the options of every SAE
+architecture's config class (saelab/saes/*.py; d_in always comes from the store). Precedence:
+defaults < `--config file.yaml` < flags. A YAML file may hold any TrainConfig key and any SAE option
+key (top level, or under `sae_options:`); an unknown key is an error that names it. The Kimi-K2
+recipe's spellings (`--data_dir --output_dir --num_shards --target_layer --d_model --d_sae
+--l1_coeff --lr --batch_size --epochs --num_workers`) are rewritten by `saelab.cli.FLAG_ALIASES`.
+"""
 from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from saelab.errors import UsageError, did_you_mean
+
+# TrainConfig decides these for every architecture (d_in is read from the store).
+_SWEEP_FIELDS = ("d_in", "d_sae", "expansion_factor", "k", "l1_coeff", "l0_coeff")
+
+
+def _sae_option_fields() -> dict[str, type]:
+    """Option name -> first config class defining it, over all architectures (registry order)."""
+    from saelab.saes import REGISTRY
+    from saelab.train import TrainConfig
+
+    taken = {f.name for f in dataclasses.fields(TrainConfig)} | set(_SWEEP_FIELDS)
+    out: dict[str, type] = {}
+    for _, cfg_cls in REGISTRY.values():
+        for f in dataclasses.fields(cfg_cls):
+            if f.name not in taken and f.name not in out:
+                out[f.name] = cfg_cls
+    return out
 
 
 def register(sub) -> None:
-    """Add this stage's subcommands to the `saelab` parser."""
+    """Add `saelab train` to the `saelab` parser."""
+    from saelab.cli import add_common_flags
+    from saelab.config import add_dataclass_args
+    from saelab.train import TrainConfig
+
+    p = sub.add_parser("train", help="train sparse autoencoders on an activation store",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the options below")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate --load-checkpoint on the validation split and print the metrics")
+    p.add_argument("--load-checkpoint", metavar="DIR", help="SAE directory for --eval-only")
+    add_dataclass_args(p, TrainConfig, exclude=("sae_options",), title="training")
+    g = p.add_argument_group("SAE options", "Each applies to the architectures whose config has it; the default "
+                             "shown is the first such architecture's, and each architecture keeps its own.")
+    by_class: dict[type, list[str]] = {}
+    for name, cls in _sae_option_fields().items():
+        by_class.setdefault(cls, []).append(name)
+    for cls, names in by_class.items():
+        exclude = tuple(f.name for f in dataclasses.fields(cls) if f.name not in names)
+        add_dataclass_args(g, cls, exclude=exclude, title=False)
+    add_common_flags(p)
+    p.set_defaults(func=run)
+
+
+def build_train_config(args: argparse.Namespace):
+    """TrainConfig from defaults < YAML < flags, with SAE options gathered into `sae_options`."""
+    from saelab.config import build_config, load_yaml
+    from saelab.train import TrainConfig
+
+    sae_fields = _sae_option_fields()
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    data = load_yaml(args.config) if args.config else {}
+    source = f"config file {args.config}"
+    sae_options = dict(data.pop("sae_options", None) or {})
+    unknown = []
+    for key in list(data):
+        name = key.replace("-", "_")
+        if name in sae_fields:
+            sae_options[name] = data.pop(key)
+        elif name not in train_fields:
+            unknown.append(f'unknown key "{key}".{did_you_mean(name, list(train_fields) + list(sae_fields))}')
+    for key in sae_options:
+        if key not in sae_fields:
+            unknown.append(f'unknown SAE option "{key}" under sae_options.{did_you_mean(key, sae_fields)}')
+    if unknown:
+        raise UsageError(f"{source} has problems:\n" + "\n".join(f"  - {u}" for u in unknown))
+    sae_options.update({k: v for k, v in vars(args).items() if k in sae_fields})
+    cfg = build_config(TrainConfig, args, data, source=source if args.config else "flags")
+    cfg = dataclasses.replace(cfg, sae_options=sae_options)
+    _check_sae_options(cfg, sae_fields)
+    return cfg
+
+
+def _check_sae_options(cfg, sae_fields) -> None:
+    from saelab.saes import REGISTRY
+
+    own = {f.name for f in dataclasses.fields(REGISTRY[cfg.architecture][1])}
+    wrong = [k for k in cfg.sae_options if k not in own]
+    if wrong:
+        raise UsageError(f"option(s) {', '.join(wrong)} do not apply to {cfg.architecture} SAEs "
+                         f"({REGISTRY[cfg.architecture][1].__name__} has: {', '.join(sorted(own - set(_SWEEP_FIELDS)))}). "
+                         "Drop them or choose another --architecture.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from saelab.train import train
+    from saelab.train_data import evaluate_checkpoint
+
+    if args.eval_only:
+        if not args.load_checkpoint:
+            raise UsageError("--eval-only needs --load-checkpoint DIR (an SAE directory such as OUT/sae_best).")
+        kw = {k: getattr(args, k) for k in ("batch_size", "eval_tokens", "device") if hasattr(args, k)}
+        if kw.get("device") == "auto":
+            kw["device"] = "cpu"
+        metrics = evaluate_checkpoint(args.load_checkpoint, data=getattr(args, "data", None),
+                                      hook=getattr(args, "hook", None), **kw)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    cfg = build_train_config(args)
+    result = train(cfg, quiet=args.quiet)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        for r in result.runs:
+            m = r.final_metrics
+            print(f"{r.name}: val loss {m['val_loss']:.4g}  FVU {m['val_fvu']:.4f}  L0 {m['val_l0']:.1f}  "
+                  f"dead {100 * m['val_dead_frac']:.1f}%  best: {r.best_dir}  final: {r.final_dir}",
+                  file=sys.stdout)
+    return 0
