@@ -87,9 +87,10 @@ class CollectConfig:
     """Verify the whole store (sha256, NaN/inf, shapes) when collection ends."""
 
     def __post_init__(self):
-        if self.out is None:
-            from saelab.models.lora import default_store_name
+        from saelab.models.lora import default_store_name, join_lora_specs
 
+        self.hook = join_lora_specs(self.hook)  # --hook lora:gate,up,... arrives split on its commas
+        if self.out is None:
             self.out = f"data/{default_store_name(self.hook) or 'run'}"
         problems = []
         for name in ("tokens", "chunk_tokens", "max_length", "batch_size", "num_shards", "parallel"):
@@ -129,12 +130,6 @@ class CollectResult:
     """Activations clamped to the fp16 range."""
 
 
-def _batches(sequences, batch_size):
-    it = iter(sequences)
-    while batch := list(itertools.islice(it, batch_size)):
-        yield batch
-
-
 def run_meta(cfg: CollectConfig, loaded, hook_points, widths, corpus) -> dict:
     """The store-level manifest for this run (store.json)."""
     from saelab import __version__
@@ -168,7 +163,7 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
     """Run one writer (shard `cfg.shard` of `cfg.num_shards`) to completion; resume if possible."""
     if cfg.parallel > 1:
         return collect_parallel(cfg, quiet=quiet)
-    from saelab.corpus import pack_sequences, resolve_corpus
+    from saelab.corpus import batch_sequences, pack_sequences, resolve_corpus
     from saelab.models import capture, load_model, resolve_hooks
     from saelab.store import ShardWriter
 
@@ -189,11 +184,12 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
     tokz = meta["tokenizer"]  # bos/eos/pad ids
     packed = pack_sequences(corpus.documents(), tok, cfg.max_length, bos_id=tokz["bos_id"],
                             eos_id=tokz["eos_id"], pad_id=tokz["pad_id"], keep_special=cfg.keep_special)
-    mine = ((i, s) for i, s in enumerate(packed) if i % cfg.num_shards == cfg.shard)
-    batches = _batches(mine, cfg.batch_size)
-    skipped = sum(1 for _ in itertools.islice(batches, writer.batches_done))
-    if skipped:
-        log.info("resuming shard %d at batch %d (%s tokens already stored)", cfg.shard, skipped, f"{writer.tokens_done:,}")
+    mine = (s for s in packed if s.index % cfg.num_shards == cfg.shard)
+    # resume on the batch grid: skip the sequences of the batches already stored
+    batches = batch_sequences(itertools.islice(mine, writer.batches_done * cfg.batch_size, None), cfg.batch_size)
+    if writer.batches_done:
+        log.info("resuming shard %d at batch %d (%s tokens already stored)", cfg.shard, writer.batches_done,
+                 f"{writer.tokens_done:,}")
 
     device = next(model.parameters()).device
     tokens_done, batches_done, overflow_total, new_tokens = writer.tokens_done, writer.batches_done, 0, 0
@@ -209,11 +205,7 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
         chunk = None
 
     try:
-        for batch in batches:
-            seq_idx_B = np.asarray([i for i, _ in batch], dtype=np.int64)
-            ids_BS = torch.tensor(np.stack([s.input_ids for _, s in batch]), dtype=torch.long)
-            mask_BS = torch.tensor(np.stack([s.attention_mask for _, s in batch]), dtype=torch.long)
-            keep_BS = torch.tensor(np.stack([s.keep_mask for _, s in batch]), dtype=torch.bool)
+        for ids_BS, mask_BS, keep_BS, seq_idx_B in batches:
             acts = capture(model, hook_points, ids_BS.to(device), mask_BS.to(device), stop_early=True)
             rows_b, rows_s = keep_BS.nonzero(as_tuple=True)
             chunk = chunk or writer.begin_chunk()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -239,6 +241,33 @@ class PackedSequence:
     """int32 [max_length]: 1 for tokens, 0 for padding."""
     keep_mask: np.ndarray
     """bool [max_length]: positions whose activations are stored (not BOS, not padding)."""
+
+
+class SequenceBatch(NamedTuple):
+    """Packed sequences stacked for one forward pass."""
+
+    input_ids_BS: "torch.Tensor"
+    """int64 token ids."""
+    attention_mask_BS: "torch.Tensor"
+    """int64: 1 for tokens, 0 for padding."""
+    keep_mask_BS: "torch.Tensor"
+    """bool: positions a store keeps (not BOS, not padding, unless keep_special)."""
+    index_B: np.ndarray
+    """int64 position of each sequence in the packed corpus."""
+
+
+def batch_sequences(sequences: Iterable[PackedSequence], batch_size: int) -> Iterator[SequenceBatch]:
+    """Stack packed sequences `batch_size` at a time (the last batch may be smaller)."""
+    import torch
+
+    it = iter(sequences)
+    while seqs := list(itertools.islice(it, batch_size)):
+        yield SequenceBatch(
+            torch.as_tensor(np.stack([s.input_ids for s in seqs]), dtype=torch.long),
+            torch.as_tensor(np.stack([s.attention_mask for s in seqs]), dtype=torch.long),
+            torch.as_tensor(np.stack([s.keep_mask for s in seqs]), dtype=torch.bool),
+            np.asarray([s.index for s in seqs], dtype=np.int64),
+        )
 
 
 def _token_lists(documents: Iterable[str], tokenizer, batch_chars: int = 1 << 18) -> Iterator[list[int]]:

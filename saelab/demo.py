@@ -26,6 +26,10 @@ class DemoConfig:
     """Activations to collect."""
     layer: int = 15
     """Residual stream after this decoder layer."""
+    epochs: int = 3
+    """Passes of SAE training over the collected activations."""
+    dashboard_features: int = 256
+    """Features shown in the dashboard (the most frequent ones)."""
 
 
 def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Path]:
@@ -40,4 +44,35 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Path]:
                           tokens=cfg.tokens, chunk_tokens=65_536, max_length=256, batch_size=8,
                           verify=True), quiet=quiet)
     outputs["store"] = store
+
+    from saelab.train import TrainConfig, train
+
+    log.info("[2/4] train: TopK SAE, expansion 8, k 32")
+    result = train(TrainConfig(data=str(store), out=str(out / "sae"), architecture="topk", expansion_factor=[8],
+                               k=[32], batch_size=2048, epochs=cfg.epochs, lr=1e-3, warmup_steps=20,
+                               eval_every=50, checkpoint_every=100, device="cpu"), quiet=quiet)
+    outputs["sae"] = Path(result.best_dir)
+
+    from saelab.evaluate import evaluate
+
+    log.info("[3/4] evaluate: reconstruction, sparsity and the downstream loss with the SAE spliced in")
+    evaluate([result.best_dir], store, split="val", model="default", corpus=cfg.corpus, eval_tokens=4096,
+             out=out / "eval", quiet=quiet)
+    outputs["evaluation"] = out / "eval" / "eval.md"
+
+    from saelab.interpret import check_pair, load_or_compute_stats
+    from saelab.interpret.build import build_dashboard
+    from saelab.saes import load_sae
+    from saelab.store import load_store
+
+    log.info("[4/4] interpret: feature statistics and the dashboard of the %d most frequent features",
+             cfg.dashboard_features)
+    sae, st = load_sae(result.best_dir), load_store(store)
+    hook = check_pair(sae, st)
+    res = load_or_compute_stats(sae, st, hook, sae_dir=result.best_dir, quiet=quiet)
+    alive = (res.stats.count_F > 0).nonzero().flatten()
+    order = res.stats.frequency_F[alive].argsort(descending=True)
+    feats = sorted(alive[order][: cfg.dashboard_features].tolist())
+    outputs["dashboard"] = build_dashboard(sae, st, hook, res, feats, out / "dashboard.html",
+                                           sae_name="demo TopK SAE")
     return outputs

@@ -272,9 +272,11 @@ def downstream(model, sequences: Iterable, hook_saes: dict[str, list], means: di
     mean = {h: 0.0 for h in hook_saes}
     sae_sums = {h: [_LossSums() for _ in saes] for h, saes in hook_saes.items()}
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="downstream", disable=quiet, dynamic_ncols=True)
-    batches = _seq_batches(sequences, seq_batch)
+    from saelab.corpus import batch_sequences
+
+    batches = batch_sequences(sequences, seq_batch)
     with torch.inference_mode():
-        for ids_BS, mask_BS, keep_BS in batches:
+        for ids_BS, mask_BS, keep_BS, _ in batches:
             valid_BS = torch.zeros_like(keep_BS)
             valid_BS[:, :-1] = keep_BS[:, :-1] & mask_BS[:, 1:].bool()
             if not valid_BS.any():
@@ -309,24 +311,6 @@ def downstream(model, sequences: Iterable, hook_saes: dict[str, list], means: di
     return {"n": n, "clean": clean / n, "zero": {h: v / n for h, v in zero.items()},
             "mean": {h: v / n for h, v in mean.items()},
             "sae": {h: [(a.ce / n, a.kl / n) for a in accs] for h, accs in sae_sums.items()}}
-
-
-def _seq_batches(sequences: Iterable, seq_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    buf = []
-    for s in sequences:
-        buf.append(s)
-        if len(buf) == seq_batch:
-            yield _stack(buf)
-            buf = []
-    if buf:
-        yield _stack(buf)
-
-
-def _stack(seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = torch.tensor(np.stack([s.input_ids for s in seqs]), dtype=torch.long)
-    mask = torch.tensor(np.stack([s.attention_mask for s in seqs]), dtype=torch.long)
-    keep = torch.tensor(np.stack([s.keep_mask for s in seqs]), dtype=torch.bool)
-    return ids, mask, keep
 
 
 # ------------------------------------------------------------------------------------ the whole run

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saelab.corpus import batch_sequences
 from saelab.errors import UsageError, raise_all
 from saelab.statistics import CI, bootstrap_mean_ci
 
@@ -377,24 +378,6 @@ class Effect:
         return d
 
 
-def _batches(sequences: Iterable, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    buf = []
-    for s in sequences:
-        buf.append(s)
-        if len(buf) == batch:
-            yield _stack(buf)
-            buf = []
-    if buf:
-        yield _stack(buf)
-
-
-def _stack(seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = torch.as_tensor(np.stack([np.asarray(s.input_ids) for s in seqs]), dtype=torch.long)
-    mask = torch.as_tensor(np.stack([np.asarray(s.attention_mask) for s in seqs]), dtype=torch.long)
-    keep = torch.as_tensor(np.stack([np.asarray(s.keep_mask) for s in seqs]), dtype=torch.bool)
-    return ids, mask, keep
-
-
 def _token_text(tokenizer, i: int) -> str:
     if tokenizer is None:
         return f"<{i}>"
@@ -438,7 +421,7 @@ def measure_effects(model, edit_sets: Sequence, sequences: Iterable, keep_error:
     sums = [_Sums() for _ in edit_sets]
     bar = tqdm(total=max_tokens, unit="tok", desc="effect", disable=quiet, dynamic_ncols=True)
     with torch.inference_mode():
-        for ids_BS, mask_BS, keep_BS in _batches(sequences, batch_size):
+        for ids_BS, mask_BS, keep_BS, _ in batch_sequences(sequences, batch_size):
             valid_BS = torch.zeros_like(keep_BS)
             valid_BS[:, :-1] = keep_BS[:, :-1] & mask_BS[:, 1:].bool()
             if not valid_BS.any():

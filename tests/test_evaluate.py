@@ -1,7 +1,6 @@
 """evaluate.py end to end on tiny stores and the tiny Llama: hand-computed answers, splices, bad input."""
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -202,7 +201,9 @@ def _sequences(n_seq=6, seq=16, seed=0):
     ids[-1, 10:] = PAD_ID
     mask[-1, 10:] = 0
     keep = (mask == 1) & (ids != BOS_ID)
-    return [SimpleNamespace(input_ids=ids[i], attention_mask=mask[i], keep_mask=keep[i]) for i in range(n_seq)]
+    from saelab.corpus import PackedSequence
+
+    return [PackedSequence(i, ids[i], mask[i], keep[i]) for i in range(n_seq)]
 
 
 def test_identity_splice_gives_exactly_the_clean_loss():
