@@ -101,6 +101,15 @@ def test_hf_saved_dataset(tmp_path):
     assert list(resolve_corpus(f"hf:{tmp_path / 'ds'}").documents()) == ["x y", "z"]
 
 
+def test_hf_streaming_load_dataset(tmp_path):
+    """hf:NAME goes through datasets.load_dataset(streaming=True), as for a hub id; here a local folder."""
+    pytest.importorskip("datasets")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "train.jsonl").write_text('{"q": "one", "a": "1"}\n{"q": "two", "a": "2"}\n')
+    c = resolve_corpus(f"hf:{tmp_path / 'hub'}", text_template="{q}={a}")
+    assert list(c.documents()) == ["one=1", "two=2"]
+
+
 def test_corpus_errors(tmp_path, home):
     with pytest.raises(UsageError, match="not found"):
         resolve_corpus(str(tmp_path / "nope.txt"))

@@ -36,6 +36,9 @@ def register(sub) -> None:
     d.add_argument("--corpus", default="sotu", help="corpus to read (default: sotu)")
     d.add_argument("--tokens", default="200k", help="activations to collect (default: 200k)")
     d.add_argument("--layer", type=int, default=15, help="residual stream after this layer (default: 15)")
+    d.add_argument("--lora", action="store_true",
+                   help="instead: LoRA adapter SAEs (finetune -> collect lora:gate,up,down,q,k,v,o -> train -> "
+                        "dashboard with adapter heatmaps); output in runs/demo-lora unless --out is given")
     add_common_flags(d)
     d.set_defaults(func=run_demo)
 
@@ -67,6 +70,14 @@ def run_demo(args: argparse.Namespace) -> int:
     from saelab.demo import DemoConfig, run_demo as demo
     from saelab.config import parse_int
 
+    if args.lora:
+        from saelab.lora_demo import run_lora_demo
+
+        outputs = run_lora_demo(args.out if args.out != "runs/demo" else "runs/demo-lora", quiet=args.quiet)
+        print("\nsaelab demo --lora finished. Outputs:")
+        for name, path in outputs.items():
+            print(f"  {name:<12} {path}")
+        return 0
     cfg = DemoConfig(out=args.out, corpus=args.corpus, tokens=parse_int(args.tokens), layer=args.layer)
     outputs = demo(cfg, quiet=args.quiet)
     print("\nsaelab demo finished. Outputs:")

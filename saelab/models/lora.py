@@ -110,6 +110,22 @@ def parse_lora_spec(spec: str) -> tuple[str, ...]:
     return tuple(t for t in LORA_TYPES if t in raw)
 
 
+def join_lora_specs(items: Sequence[str]) -> list[str]:
+    """Undo a comma split of a hook list: ['lora:gate', 'up', 'model.layers.3'] -> ['lora:gate,up', 'model.layers.3'].
+
+    List flags split on commas, and `lora:gate,up,...` has commas of its own; a bare type name right
+    after a lora: item belongs to it (a bare `up` is never a module path of its own).
+    """
+    out: list[str] = []
+    for item in items:
+        item = str(item).strip()
+        if out and is_lora_spec(out[-1]) and item in LORA_TYPES:
+            out[-1] = f"{out[-1]},{item}"
+        else:
+            out.append(item)
+    return out
+
+
 def canonical_name(types: Sequence[str]) -> str:
     return PREFIX + ",".join(t for t in LORA_TYPES if t in types)
 

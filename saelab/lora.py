@@ -1,0 +1,351 @@
+"""LoRA adapter SAEs: fine-tune a small LoRA to study, and map SAE features back onto its adapters.
+
+Owns:
+  * `finetune(FinetuneConfig)`: train a peft LoRA (rank r on the chosen adapter types of every layer)
+    with the causal-LM loss on packed sequences of a corpus, on CPU; save it in peft format
+    (adapter_config.json + adapter_model.safetensors) with `training.json` (config, loss curve) and
+    `loss.png`. For each step, on a batch of packed sequences (labels = inputs, padding ignored):
+
+        loss = mean over real targets t of  -log p(x_{t+1} | x_{<=t})     with  W' = W + (alpha / r) B A
+        A ~ peft's default (Kaiming-uniform), B = 0 at the start, so step 0 is the base model exactly
+
+  * `adapter_heatmap(W_dec_FD, slices)`: where a LoRA SAE's features live. For a store collected at
+    `lora:TYPES` (see saelab.models.lora for the slice map), feature f's decoder row restricted to the
+    coordinates of adapter (l, t):
+
+        H_FLT[f, l, t] = || W_dec_FD[f, start_{l,t} : stop_{l,t}] ||_2          (NaN where no adapter)
+
+    fast path: one matmul with the 0/1 coordinate -> slice matrix M_DS,  H_FS = sqrt(W_dec_FD**2 @ M_DS);
+    reference path: a loop over slices (`adapter_heatmap_reference`); tests compare them.
+  * `lora_panels(...)`: those matrices as dashboard heatmap panels (rows = layers, cols = types).
+
+Leaves out: the hook itself (saelab.models.lora), SAE training (saelab.train), rendering (interpret/).
+Shapes: F features, D store width, S slices, L layers, T adapter types, B batch, N sequences.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from saelab.errors import UsageError
+from saelab.models.lora import LORA_TYPES, LoraSlice, slices_from_json
+
+log = logging.getLogger(__name__)
+
+# Where LoRA SAE work usually starts (the issue "LoRA adapter SAEs"): a store of a lora: hook is small
+# (e.g. 210 wide), so a wide dictionary and a smaller batch are cheap. d_in always comes from the store.
+LORA_SAE_DEFAULTS = {"architecture": "batchtopk", "expansion_factor": [16], "k": [50], "batch_size": 1024}
+
+
+def lora_train_defaults(store_meta: dict, hook: str) -> dict:
+    """LORA_SAE_DEFAULTS when `hook` is a LoRA hook of this store (store.json has its slice map), else {}.
+
+    The training loop applies them to the fields the user did not set (flags and YAML win).
+    """
+    return dict(LORA_SAE_DEFAULTS) if (store_meta.get("slices") or {}).get(hook) else {}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `saelab lora-finetune` needs; field name = flag = YAML key."""
+
+    out: str = "adapters/lora"
+    """Directory for the adapter (peft format), training.json and loss.png."""
+    model: str = "default"
+    """Base model: `default` (embedded SmolLM2-135M-Instruct), a .gguf file, a local HF directory or a hub id."""
+    corpus: str = "champ-cot"
+    """Text file, folder of .txt, .jsonl, .parquet, a built-in name (sotu, shakespeare, champ, champ-cot) or hf:NAME."""
+    text_field: str = "text"
+    """JSONL / Parquet field that holds the text."""
+    text_template: str | None = None
+    """Join several JSONL fields, e.g. '{question}\\n{reasoning}\\n{answer}'."""
+    rank: int = 1
+    """LoRA rank r of every adapter."""
+    alpha: float | None = None
+    """LoRA alpha (the update is scaled by alpha / r); default: equal to the rank."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TYPES))
+    """Adapter types to train, comma-separated subset of gate,up,down,q,k,v,o."""
+    steps: int = 100
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """AdamW learning rate (after a linear warmup over the first tenth of the steps)."""
+    batch_size: int = 4
+    """Packed sequences per step."""
+    max_length: int = 256
+    """Tokens per packed sequence."""
+    eval_sequences: int = 8
+    """Held-out sequences (after the training ones) whose loss is measured before and after training."""
+    seed: int = 0
+    """Seed for the adapter's initialisation."""
+    overwrite: bool = False
+    """Replace an existing --out directory."""
+
+    def __post_init__(self):
+        problems = []
+        for name in ("rank", "steps", "batch_size", "eval_sequences"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            problems.append(f"--max-length must be at least 2, got {self.max_length}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        bad = [t for t in self.targets if t not in LORA_TYPES]
+        if bad or not self.targets:
+            problems.append(f"--targets {','.join(self.targets)}: expected a subset of {','.join(LORA_TYPES)}")
+        if problems:
+            raise UsageError("lora-finetune settings have problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.targets = [t for t in LORA_TYPES if t in self.targets]
+
+
+class FinetuneResult(NamedTuple):
+    """What a fine-tuning run did."""
+
+    out: Path
+    """The adapter directory."""
+    losses: list[float]
+    """Training loss of each step."""
+    eval_loss_before: float
+    """Held-out loss of the base model (the adapter starts at B = 0)."""
+    eval_loss_after: float
+    """Held-out loss with the trained adapter."""
+    trainable_params: int
+    """LoRA parameters trained."""
+    seconds: float
+    """Wall time of the training loop."""
+
+
+def _lr_at(step: int, cfg: FinetuneConfig) -> float:
+    warmup = max(1, cfg.steps // 10)
+    return cfg.lr * min(1.0, (step + 1) / warmup)
+
+
+def _batch_tensors(seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    ids_BS = torch.tensor(np.stack([s.input_ids for s in seqs]), dtype=torch.long)
+    mask_BS = torch.tensor(np.stack([s.attention_mask for s in seqs]), dtype=torch.long)
+    labels_BS = ids_BS.masked_fill(mask_BS == 0, -100)
+    return ids_BS, mask_BS, labels_BS
+
+
+@torch.no_grad()
+def _mean_loss(model, seqs, batch_size: int) -> float:
+    """Token-weighted mean next-token loss over `seqs`."""
+    total, n = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        ids_BS, mask_BS, labels_BS = _batch_tensors(seqs[i:i + batch_size])
+        k = int((labels_BS[:, 1:] != -100).sum())
+        if k:
+            total += float(model(input_ids=ids_BS, attention_mask=mask_BS, labels=labels_BS).loss) * k
+            n += k
+    return total / max(n, 1)
+
+
+def _check_targets(model, targets: list[str], spec: str) -> None:
+    from saelab.models import layers_of
+
+    layer0 = dict(layers_of(model)[0].named_modules())
+    missing = [t for t in targets if LORA_TYPES[t] not in layer0]
+    if missing:
+        have = [t for t, p in LORA_TYPES.items() if p in layer0]
+        raise UsageError(f"model {spec!r} has no {', '.join(LORA_TYPES[t] for t in missing)} in its layers, so "
+                         f"--targets {','.join(missing)} cannot be adapted; it has {','.join(have) or 'none of them'}.")
+
+
+def finetune(cfg: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
+    """Train a LoRA adapter with peft and save it to `cfg.out` (see the module docstring).
+
+    Raises:
+        UsageError: --out exists (without --overwrite), a target type the model lacks, an empty corpus.
+    """
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from saelab.config import to_dict
+    from saelab.corpus import pack_sequences, resolve_corpus
+    from saelab.models import load_model, tokenizer_info
+
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise UsageError(f"--out {out} already exists and is not empty. Choose another --out or pass --overwrite.")
+    corpus = resolve_corpus(cfg.corpus, text_field=cfg.text_field, text_template=cfg.text_template)
+    loaded = load_model(cfg.model, quiet=quiet)
+    _check_targets(loaded.model, cfg.targets, cfg.model)
+    tk = tokenizer_info(loaded.tokenizer)
+    n_train, n_eval = cfg.steps * cfg.batch_size, cfg.eval_sequences
+    seqs = list(itertools.islice(pack_sequences(corpus.documents(), loaded.tokenizer, cfg.max_length,
+                                                tk["bos_id"], tk["eos_id"], tk["pad_id"]), n_train + n_eval))
+    if len(seqs) > n_eval:
+        train_seqs, eval_seqs = seqs[:-n_eval], seqs[-n_eval:]
+    else:
+        log.warning("corpus %s holds only %d sequences of %d tokens: measuring the loss on training data",
+                    corpus.name, len(seqs), cfg.max_length)
+        train_seqs, eval_seqs = seqs, seqs
+    if len(train_seqs) < n_train:
+        log.info("corpus %s gives %d sequences for %d steps x %d: cycling over them", corpus.name,
+                 len(train_seqs), cfg.steps, cfg.batch_size)
+
+    torch.manual_seed(cfg.seed)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=0.0,
+                      target_modules=[LORA_TYPES[t].rsplit(".", 1)[-1] for t in cfg.targets], task_type="CAUSAL_LM")
+    model = get_peft_model(loaded.model, lcfg)
+    model.peft_config["default"].base_model_name_or_path = cfg.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    model.eval()  # no dropout anywhere; gradients still flow to the LoRA parameters
+    before = _mean_loss(model, eval_seqs, cfg.batch_size)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    stream = itertools.cycle(train_seqs)
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc="lora-finetune", unit="step", disable=quiet, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in bar:
+        ids_BS, mask_BS, labels_BS = _batch_tensors([next(stream) for _ in range(cfg.batch_size)])
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        loss = model(input_ids=ids_BS, attention_mask=mask_BS, labels=labels_BS).loss
+        if not torch.isfinite(loss.detach()):
+            raise UsageError(f"the loss became {loss.item()} at step {step}; nothing was saved. "
+                             f"Lower --lr (now {cfg.lr}).")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    after = _mean_loss(model, eval_seqs, cfg.batch_size)
+    log.info("lora-finetune: held-out loss %.4f -> %.4f in %d steps (%.0f s, %s trainable parameters)",
+             before, after, cfg.steps, seconds, f"{n_params:,}")
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    record = {"config": to_dict(cfg), "model": loaded.info, "corpus": {"spec": corpus.name, "fingerprint": corpus.fingerprint},
+              "trainable_params": n_params, "train_sequences": len(train_seqs), "eval_sequences": len(eval_seqs),
+              "eval_loss_before": before, "eval_loss_after": after, "losses": losses, "seconds": seconds}
+    (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    save_loss_plot(tmp / "loss.png", losses, before, after)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return FinetuneResult(out, losses, before, after, n_params, seconds)
+
+
+def save_loss_plot(path: str | Path, losses: list[float], before: float, after: float) -> Path:
+    """The training loss per step, with the held-out loss before and after as dashed lines (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="training loss")
+    ax.axhline(before, ls="--", c="grey", lw=1, label=f"held-out before {before:.3f}")
+    ax.axhline(after, ls="--", c="C1", lw=1, label=f"held-out after {after:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Where SAE features live: decoder norms per (layer, adapter type)
+
+
+class AdapterMap(NamedTuple):
+    """Decoder norms of features over layer x adapter type."""
+
+    values_FLT: torch.Tensor
+    """H[f, l, t] = ||W_dec_FD[f, slice(l, t)]||_2; NaN where layer l has no adapter of type t."""
+    layers: list[int]
+    """Layer index of each row L."""
+    types: list[str]
+    """Adapter type of each column T (canonical order)."""
+
+
+def _as_slices(slices) -> list[LoraSlice]:
+    return [s if isinstance(s, LoraSlice) else slices_from_json([s])[0] for s in slices]
+
+
+def _grid(sl: list[LoraSlice]) -> tuple[list[int], list[str]]:
+    layers = sorted({s.layer for s in sl})
+    types = [t for t in LORA_TYPES if any(s.type == t for s in sl)]
+    return layers, types
+
+
+def _check_width(W_dec_FD: torch.Tensor, sl: list[LoraSlice]) -> None:
+    width = max((s.stop for s in sl), default=0)
+    if W_dec_FD.shape[1] != width:
+        raise UsageError(f"the SAE decodes to width {W_dec_FD.shape[1]}, but the store's LoRA slice map covers "
+                         f"{width} coordinates: the SAE was not trained on this LoRA hook.")
+
+
+@torch.no_grad()
+def adapter_heatmap(W_dec_FD: torch.Tensor, slices) -> AdapterMap:
+    """Fast path: H_FS = sqrt(W_dec_FD**2 @ M_DS), M_DS[d, s] = 1 if coordinate d is in slice s."""
+    sl = _as_slices(slices)
+    _check_width(W_dec_FD, sl)
+    layers, types = _grid(sl)
+    D = W_dec_FD.shape[1]
+    coord_D = torch.full((D,), -1, dtype=torch.long)
+    for i, s in enumerate(sl):
+        coord_D[s.start:s.stop] = i
+    assert (coord_D >= 0).all(), "LoRA slice map leaves coordinates uncovered: a corrupt store.json?"
+    M_DS = torch.zeros(D, len(sl), dtype=torch.float32)
+    M_DS[torch.arange(D), coord_D] = 1.0
+    H_FS = (W_dec_FD.float().square() @ M_DS).sqrt()
+    li = {l: i for i, l in enumerate(layers)}
+    ti = {t: i for i, t in enumerate(types)}
+    cell_S = torch.tensor([li[s.layer] * len(types) + ti[s.type] for s in sl], dtype=torch.long)
+    F_ = W_dec_FD.shape[0]
+    H = torch.full((F_, len(layers) * len(types)), float("nan"))
+    H[:, cell_S] = H_FS
+    return AdapterMap(H.view(F_, len(layers), len(types)), layers, types)
+
+
+@torch.no_grad()
+def adapter_heatmap_reference(W_dec_FD: torch.Tensor, slices) -> AdapterMap:
+    """Reference path: one norm per (feature, slice), in plain loops."""
+    sl = _as_slices(slices)
+    _check_width(W_dec_FD, sl)
+    layers, types = _grid(sl)
+    H = torch.full((W_dec_FD.shape[0], len(layers), len(types)), float("nan"))
+    for s in sl:
+        for f in range(W_dec_FD.shape[0]):
+            H[f, layers.index(s.layer), types.index(s.type)] = torch.linalg.vector_norm(W_dec_FD[f, s.start:s.stop].float())
+    return AdapterMap(H, layers, types)
+
+
+def store_slices(store_meta: dict, hook: str) -> list[LoraSlice] | None:
+    """The LoRA slice map of `hook` in a store's store.json, or None for an ordinary hook."""
+    entries = (store_meta.get("slices") or {}).get(hook)
+    return slices_from_json(entries) if entries else None
+
+
+def lora_panels(W_dec_FD: torch.Tensor, slices, feature_ids: list[int]) -> dict[int, list]:
+    """feature -> [HeatmapPanel of its decoder norms over layer x adapter type] for the dashboard."""
+    from saelab.interpret.dashboard import HeatmapPanel
+
+    ids = list(feature_ids)
+    amap = adapter_heatmap(W_dec_FD[ids], slices)
+    rows = [f"L{l}" for l in amap.layers]
+    out = {}
+    for i, f in enumerate(ids):
+        vals = [[None if math.isnan(v) else v for v in row] for row in amap.values_FLT[i].tolist()]
+        out[f] = [HeatmapPanel(title="decoder norm by layer × adapter (where the feature lives)",
+                               rows=rows, cols=list(amap.types), values=vals)]
+    return out
