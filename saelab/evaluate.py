@@ -23,6 +23,9 @@ them (its max_length, BOS/EOS/pad ids and keep_special), and for each batch
     ce_recovered_mean = (CE_mean - CE_sae) / (CE_mean - CE_clean)
 
 Positions outside keep_BS are left untouched, because the SAE never saw them in training.
+A `lora:` hook (docs/lora.md) is the concatenation of adapter activations computed at different
+depths, so it is replaced in two passes: capture x_BSD in a clean pass, then rerun the model inside
+`lora_patch(model, hook, x'_BSD)` (zero-ablation: x' = 0 on kept rows; mean-ablation: the store mean).
 Deliberately left out: the choice of evaluation text (pass a held-out corpus), sampling-based metrics.
 """
 from __future__ import annotations
@@ -243,6 +246,17 @@ def _replace_kept(keep_BS: torch.Tensor, g) -> Any:
     return fn
 
 
+def _patched(model, hp, keep_BS: torch.Tensor, g, x_BSD: torch.Tensor | None = None):
+    """Context manager: x -> where(keep, g(x), x) at `hp`. An ordinary hook is spliced in one pass; a
+    LoRA hook point (it has `parts`) is patched with that function of its clean activation x_BSD."""
+    from saelab.models import splice
+    from saelab.models.lora import lora_patch
+
+    if hasattr(hp, "parts"):
+        return lora_patch(model, hp, _replace_kept(keep_BS, g)(x_BSD))
+    return splice(model, hp, _replace_kept(keep_BS, g))
+
+
 @dataclass
 class _LossSums:
     ce: float = 0.0
@@ -263,7 +277,7 @@ def downstream(model, sequences: Iterable, hook_saes: dict[str, list], means: di
         {"n": tokens, "clean": ce, "zero": {hook: ce}, "mean": {hook: ce},
          "sae": {hook: [(ce, kl), ...]}} (means over tokens, nats).
     """
-    from saelab.models import resolve_hooks, splice
+    from saelab.models import capture, resolve_hooks
 
     hps = dict(zip(hook_saes, resolve_hooks(model, list(hook_saes))))
     device = next(model.parameters()).device
@@ -291,12 +305,13 @@ def downstream(model, sequences: Iterable, hook_saes: dict[str, list], means: di
             clean += float(M.token_ce(clean_TV, targets_T).double().sum())
             for h, saes in hook_saes.items():
                 hp, mean_D = hps[h], means[h].to(device)
-                with splice(model, hp, _replace_kept(keep_BS, lambda x_BD: torch.zeros_like(x_BD))):
+                x_BSD = capture(model, [hp], ids_BS, mask_BS)[hp.name] if hasattr(hp, "parts") else None
+                with _patched(model, hp, keep_BS, lambda x_BD: torch.zeros_like(x_BD), x_BSD):
                     zero[h] += float(M.token_ce(logits_T(), targets_T).double().sum())
-                with splice(model, hp, _replace_kept(keep_BS, lambda x_BD, m=mean_D: m.expand_as(x_BD))):
+                with _patched(model, hp, keep_BS, lambda x_BD, m=mean_D: m.expand_as(x_BD), x_BSD):
                     mean[h] += float(M.token_ce(logits_T(), targets_T).double().sum())
                 for sae, acc in zip(saes, sae_sums[h]):
-                    with splice(model, hp, _replace_kept(keep_BS, lambda x_BD, s=sae: s(x_BD)[0])):
+                    with _patched(model, hp, keep_BS, lambda x_BD, s=sae: s(x_BD)[0], x_BSD):
                         spliced_TV = logits_T()
                     acc.ce += float(M.token_ce(spliced_TV, targets_T).double().sum())
                     acc.kl += float(M.token_kl(clean_TV, spliced_TV).double().sum())
@@ -332,6 +347,8 @@ class EvalConfig:
     """Directory for eval.json, eval.md and the PNGs (default: no files)."""
     model: str | None = None
     """Language model for the downstream loss (same as the store's; needs --corpus)."""
+    adapter: str | None = None
+    """peft LoRA adapter directory to load on top of --model (the store's, for a store collected with one)."""
     corpus: str | None = None
     """Text to measure the downstream loss on (best held out from training; needs --model)."""
     eval_tokens: int = 8192
@@ -352,6 +369,8 @@ class EvalConfig:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.tokens is not None and self.tokens < MIN_TOKENS:
             problems.append(f"tokens must be >= {MIN_TOKENS}, got {self.tokens}")
+        if self.adapter is not None and self.model is None:
+            problems.append("--adapter is loaded on top of --model; pass --model (and --corpus) too")
         if (self.model is None) != (self.corpus is None):
             problems.append("the downstream loss needs both --model and --corpus (got only "
                             f"--{'model' if self.model else 'corpus'})")
@@ -417,6 +436,12 @@ def check_compatible(saes: Sequence, names: Sequence[str], store_meta: dict, sto
     if model_info is not None and _sha(store_model) and _sha(store_model) != _sha(model_info):
         problems.append(f"store {store_path} was collected from model {_describe(store_model)}, but --model "
                         f"is {_describe(model_info)}")
+    store_ad, model_ad = store_meta.get("adapter"), (model_info or {}).get("adapter")
+    if model_info is not None and _sha(store_ad) != _sha(model_ad):
+        problems.append(f"store {store_path} was collected with adapter {(store_ad or {}).get('path', 'none')}, but "
+                        f"the model has {'adapter ' + str(model_ad.get('path')) if model_ad else 'none'}; pass the "
+                        f"store's adapter with --adapter{' ' + str(store_ad.get('path')) if store_ad else ''}"
+                        f"{'' if store_ad else ' (none: drop --adapter)'}")
     raise_all_problems(problems)
     return hooks  # type: ignore[return-value]
 
@@ -444,7 +469,7 @@ def _load_saes(saes: Sequence, device: str) -> tuple[list, list[str], list[str]]
 
 def evaluate(saes: Sequence, store, split: str = "val", tokens: int | None = None, batch_size: int = 4096,
              model=None, corpus=None, eval_tokens: int = 8192, seq_batch: int = 4, out: str | Path | None = None,
-             device: str = "cpu", quiet: bool = False) -> list[EvalResult]:
+             device: str = "cpu", quiet: bool = False, adapter: str | Path | None = None) -> list[EvalResult]:
     """Evaluate SAEs on a store and, with a model and corpus, on the model's next-token loss.
 
     Args:
@@ -453,6 +478,7 @@ def evaluate(saes: Sequence, store, split: str = "val", tokens: int | None = Non
         split: val, train or all.
         tokens: tokens per hook point (None: the whole split).
         model: a model spec for `load_model`, or a LoadedModel; None skips the downstream loss.
+        adapter: peft LoRA adapter directory loaded on top of a model spec (`load_model(adapter=)`).
         corpus: a corpus spec for `resolve_corpus`, or an object with `.documents()`.
         out: write eval.json, eval.md and PNGs here.
     Returns:
@@ -469,7 +495,7 @@ def evaluate(saes: Sequence, store, split: str = "val", tokens: int | None = Non
     objs, paths, names = _load_saes(saes, device)
     loaded = None
     if model is not None:
-        loaded = _load_model(model, device, quiet)
+        loaded = _load_model(model, device, quiet, adapter)
     hooks = check_compatible(objs, names, st.meta, store_path, loaded.info if loaded is not None else None)
 
     # SAEs on the same hook and the same train/val split share one pass over the store.
@@ -536,12 +562,15 @@ def store_batches(st, hook: str, split: str, batch_size: int, val_fraction: floa
             yield torch.from_numpy(np.asarray(a_ND[i:i + batch_size], dtype=np.float32))
 
 
-def _load_model(model, device: str, quiet: bool):
+def _load_model(model, device: str, quiet: bool, adapter=None):
     if hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "info"):
+        if adapter is not None:
+            raise UsageError("evaluate: adapter= applies to a model spec; a LoadedModel is used as it is. "
+                             "Load it with load_model(spec, adapter=DIR) instead.")
         return model
     from saelab.models import load_model
 
-    return load_model(str(model), device=device, quiet=quiet)
+    return load_model(str(model), device=device, quiet=quiet, adapter=None if adapter is None else str(adapter))
 
 
 def _eval_sequences(corpus, tokenizer, store_meta: dict) -> Iterator:

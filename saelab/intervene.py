@@ -22,6 +22,12 @@ path; `edit_delta_reference` decodes both in full). With no feature edit the act
 unchanged (bit for bit), and with steering only the encoder never runs. Positions where `mask_BS`
 is False (e.g. BOS, padding) are left alone.
 
+A `lora:` hook (docs/lora.md) concatenates adapter activations computed at different depths, so it
+cannot be spliced in one pass. Its edits run in two passes per forward call of the causal LM: a
+capture pass reads x_BSD (with any edits at ordinary hooks already in place), x'_BSD is computed as
+above, and the real pass runs inside `lora_patch(model, hook, x'_BSD)`. That needs the whole
+sequence in each call, so generation under such edits recomputes without a KV cache.
+
 Effect of an edit on a batch of packed sequences, over valid target positions t (target not
 padding, position kept):
 
@@ -139,6 +145,8 @@ class InterveneConfig:
     """cpu, cuda, cuda:N."""
     dtype: str = "float32"
     """Model dtype: float32, float16, bfloat16."""
+    adapter: str | None = None
+    """peft LoRA adapter directory to load on top of --model (needed for SAEs on a lora: hook)."""
 
 
 def _feature_target(text: str, n_saes: int, flag: str) -> tuple[int | None, int]:
@@ -296,11 +304,72 @@ def intervene(model, edits: Edit | Sequence[Edit], keep_error: bool = True,
     problems = [p for i, e in enumerate(edits) for p in check_edit(e, f"SAE #{i}")]
     raise_all(problems, "bad feature edits")
     hps = [resolve_hooks(model, [e.hook_name()])[0] for e in edits]
+    lora_fns: dict[str, tuple[Any, list]] = {}  # lora hook name -> (hook point, edit fns in order)
     with contextlib.ExitStack() as stack:
         for e, hp in zip(edits, hps):
-            width = int(e.sae.W_dec_FD.shape[1])
-            stack.enter_context(splice(model, hp, _splice_fn(e, keep_error, mask_BS, width)))
+            fn = _splice_fn(e, keep_error, mask_BS, int(e.sae.W_dec_FD.shape[1]))
+            if hasattr(hp, "parts"):
+                lora_fns.setdefault(hp.name, (hp, []))[1].append(fn)
+            else:
+                stack.enter_context(splice(model, hp, fn))
+        if lora_fns:
+            _TwoPassLora(model, list(lora_fns.values())).install(stack)
         yield hps
+
+
+def _cache_len(past) -> int:
+    if past is None:
+        return 0
+    return int(past.get_seq_length()) if hasattr(past, "get_seq_length") else len(past)
+
+
+class _TwoPassLora:
+    """Edits at `lora:` hooks: before each forward of the causal LM, capture the clean LoRA vectors with
+    the same inputs, apply the edit functions, and patch the real forward with `lora_patch`."""
+
+    def __init__(self, model, items: list[tuple[Any, list]]):
+        self.model, self.items = model, items
+        self.busy, self.stack = False, None
+
+    def install(self, stack: contextlib.ExitStack) -> None:
+        from saelab.models.hooks import _causal_lm
+
+        lm = _causal_lm(self.model)
+        handles = [lm.register_forward_pre_hook(self.pre, with_kwargs=True),
+                   lm.register_forward_hook(self.post, with_kwargs=True, always_call=True)]
+        stack.callback(lambda: [h.remove() for h in handles])
+        stack.callback(self.post, None, (), {}, None)
+
+    def pre(self, mod, args, kwargs):
+        from saelab.models import capture
+        from saelab.models.lora import lora_patch
+
+        if self.busy:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        names = ", ".join(hp.name for hp, _ in self.items)
+        if ids is None or _cache_len(kwargs.get("past_key_values")) > 0:
+            raise UsageError(f"edits at {names} need the whole token sequence in every forward pass (two passes: "
+                             "capture, then patch); call the model with input_ids and no KV cache "
+                             "(generate(..., use_cache=False)).")
+        self.busy = True
+        try:
+            x = capture(self.model, [hp for hp, _ in self.items], ids, kwargs.get("attention_mask"))
+        finally:
+            self.busy = False
+        self.stack = contextlib.ExitStack()
+        for hp, fns in self.items:
+            v_BSD = x[hp.name]
+            for fn in fns:  # several edits at one hook compose in the order given
+                v_BSD = fn(v_BSD)
+            self.stack.enter_context(lora_patch(self.model, hp, v_BSD))
+        return None
+
+    def post(self, mod, args, kwargs, out):
+        if not self.busy and self.stack is not None:
+            self.stack.close()
+            self.stack = None
+        return None
 
 
 # ------------------------------------------------------------------------------------ model identity
@@ -511,15 +580,15 @@ def generate_pair(model, tokenizer, prompt: str, edits: Edit | Sequence[Edit], m
     mask = enc.get("attention_mask", torch.ones_like(ids)).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def gen() -> str:
+    def gen(use_cache: bool = True) -> str:
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
+                                 do_sample=False, pad_token_id=pad, use_cache=use_cache)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     clean = gen()
-    with intervene(model, edits, keep_error=keep_error):
-        edited = gen()
+    with intervene(model, edits, keep_error=keep_error) as hps:
+        edited = gen(use_cache=not any(hasattr(hp, "parts") for hp in hps))  # lora: hooks need two passes
     return Generations(prompt, clean, edited)
 
 

@@ -64,16 +64,18 @@ class TrainConfig:
     """Shorthand for --hook model.layers.N (the residual stream after decoder layer N)."""
     out: str = "runs/train"
     """Output directory (checkpoints, sae_best/, final/, metrics)."""
-    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] = "topk"
-    """SAE architecture."""
-    expansion_factor: list[int] = field(default_factory=lambda: [8])
-    """d_sae = expansion_factor * d_in; several values (comma-separated) train one SAE each."""
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] | None = None
+    """SAE architecture; None (unset) = auto: topk, or batchtopk on a LoRA store (see AUTO_DEFAULTS)."""
+    expansion_factor: list[int] | None = None
+    """d_sae = expansion_factor * d_in; several values (comma-separated) train one SAE each;
+    None (unset) = auto: 8, or 16 on a LoRA store."""
     d_sae: int | None = None
     """Number of latents; overrides --expansion-factor."""
     d_in: int | None = None
     """Expected activation width; checked against the store (d_in is always read from the store)."""
-    k: list[int] = field(default_factory=lambda: [32])
-    """Active latents per token (topk, batchtopk); several values (comma-separated) sweep in one pass."""
+    k: list[int] | None = None
+    """Active latents per token (topk, batchtopk); several values (comma-separated) sweep in one pass;
+    None (unset) = auto: 32, or 50 on a LoRA store."""
     l1_coeff: float | None = None
     """Sparsity coefficient (relu: L1, jumprelu: L0); default: the architecture's own default."""
     lr: float = 3e-4
@@ -88,8 +90,9 @@ class TrainConfig:
     """Decay the learning rate linearly to 0 over this final fraction of the steps."""
     sparsity_warmup_steps: int = 0
     """Ramp the sparsity coefficient linearly from 0 over this many steps."""
-    batch_size: int = 4096
-    """Tokens per step and per process (global batch = batch_size * world size)."""
+    batch_size: int | None = None
+    """Tokens per step and per process (global batch = batch_size * world size); None (unset) = auto:
+    4096, or 1024 on a LoRA store."""
     epochs: int = 1
     """Passes over the training split (ignored when --tokens is given)."""
     tokens: int | None = None
@@ -158,7 +161,7 @@ class TrainConfig:
         p = []
         for name in ("lr", "batch_size", "epochs", "eval_tokens", "init_tokens", "dead_window",
                      "log_every", "shuffle_chunks"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 p.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "sparsity_warmup_steps", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "num_workers"):
@@ -170,14 +173,15 @@ class TrainConfig:
             p.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             p.append(f"Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if not self.k or any(k <= 0 for k in self.k):
+        if self.k is not None and (not self.k or any(k <= 0 for k in self.k)):
             p.append(f"k must be a non-empty list of positive integers, got {self.k}")
-        if not self.expansion_factor or any(e <= 0 for e in self.expansion_factor):
+        if self.expansion_factor is not None and (not self.expansion_factor or any(e <= 0 for e in self.expansion_factor)):
             p.append(f"expansion_factor must be positive, got {self.expansion_factor}")
         if self.hook is not None and self.layer is not None and self.hook != f"model.layers.{self.layer}":
             p.append(f"--hook {self.hook} and --layer {self.layer} disagree; give one of them")
         if self.resample_dead and self.architecture != "relu":
-            p.append(f"resample_dead is for relu SAEs (TopK-family SAEs use AuxK), not {self.architecture}")
+            p.append(f"resample_dead is for relu SAEs (TopK-family SAEs use AuxK), not "
+                     f"{self.architecture or 'the automatic choice (topk/batchtopk); pass --architecture relu'}")
         if self.tokens is not None and self.tokens <= 0:
             p.append(f"tokens must be > 0, got {self.tokens}")
         if not 0 <= self.rkcnn_fraction <= 1:
@@ -191,6 +195,48 @@ class TrainConfig:
         raise_all(p, "invalid training config")
         if self.layer is not None and self.hook is None:
             self.hook = f"model.layers.{self.layer}"
+
+
+AUTO_DEFAULTS: dict[str, Any] = {"architecture": "topk", "expansion_factor": [8], "k": [32], "batch_size": 4096}
+"""What an unset (None) architecture / expansion_factor / k / batch_size becomes on an ordinary store.
+On a LoRA store (`saelab.lora.lora_train_defaults` non-empty) those values are used instead."""
+
+
+def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """Fill the fields left unset (None) by flags and YAML; the one place "auto" is decided.
+
+        value = user's value  if set,  else lora_defaults[field]  if given,  else AUTO_DEFAULTS[field]
+
+    Args:
+        cfg: a TrainConfig; fields already set are kept.
+        lora_defaults: `saelab.lora.lora_train_defaults(store.meta, hook)` ({} for an ordinary hook).
+    Returns:
+        a TrainConfig with no unset AUTO_DEFAULTS field (cfg itself when nothing was unset).
+    """
+    fill = {**AUTO_DEFAULTS, **{k: v for k, v in (lora_defaults or {}).items() if k in AUTO_DEFAULTS}}
+    changes = {k: (list(v) if isinstance(v, list) else v) for k, v in fill.items() if getattr(cfg, k) is None}
+    if not changes:
+        return cfg
+    if lora_defaults:
+        log.info("LoRA store: %s (set by neither flag nor YAML)", ", ".join(f"{k}={v}" for k, v in changes.items()))
+    return dataclasses.replace(cfg, **changes)
+
+
+SWEEP_FIELDS = ("d_in", "d_sae", "expansion_factor", "k", "l1_coeff", "l0_coeff")
+"""SAE config fields that TrainConfig decides for every architecture (d_in is read from the store)."""
+
+
+def check_sae_options(architecture: str, sae_options: dict) -> None:
+    """Raise a UsageError naming the `sae_options` keys that `architecture`'s config class lacks."""
+    from saelab.saes import REGISTRY
+
+    cls = REGISTRY[architecture][1]
+    own = {f.name for f in dataclasses.fields(cls)}
+    wrong = [k for k in sae_options if k not in own]
+    if wrong:
+        raise UsageError(f"option(s) {', '.join(wrong)} do not apply to {architecture} SAEs "
+                         f"({cls.__name__} has: {', '.join(sorted(own - set(SWEEP_FIELDS)))}). "
+                         "Drop them or choose another --architecture.")
 
 
 @dataclass
@@ -260,6 +306,8 @@ def sae_configs(cfg: TrainConfig, d_in: int) -> list[tuple[str, Any]]:
     """
     from saelab.saes import REGISTRY
 
+    cfg = resolve_auto(cfg)
+    check_sae_options(cfg.architecture, cfg.sae_options)
     _, cfg_cls = REGISTRY[cfg.architecture]
     names = {f.name for f in dataclasses.fields(cfg_cls)}
     uses_k = "k" in names
@@ -413,6 +461,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
         UsageError: bad config or data, including NaN/inf activations in the store.
         RuntimeError: the loss, a gradient or a weight became NaN/inf (the last checkpoint is kept).
     """
+    from saelab.lora import lora_train_defaults
     from saelab.saes import make_sae
 
     if cfg.quick_test:
@@ -423,6 +472,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     device = _device(cfg, rank)
     src = td.StoreSource(cfg) if cfg.data is not None or cfg.model is None else td.StreamSource(cfg)
     hook, d_in = src.hook, src.d_in
+    cfg = resolve_auto(cfg, lora_train_defaults(src.meta, hook))
     out = Path(cfg.out)
     specs = sae_configs(cfg, d_in)
     resume_ckpt = ck.latest_checkpoint(out) if cfg.resume else None
@@ -584,7 +634,7 @@ def quick_test_config(cfg: TrainConfig) -> TrainConfig:
     changes: dict[str, Any] = dict(
         quick_test=False, batch_size=256, tokens=256 * 60, epochs=1, eval_every=20, eval_tokens=2048,
         checkpoint_every=30, warmup_steps=5, init_tokens=2048, log_every=5, expansion_factor=[4], d_sae=None,
-        lr=1e-3, k=[k for k in cfg.k if k <= 16] or [8], dead_window=20, shuffle_chunks=2)
+        lr=1e-3, k=[k for k in cfg.k or [] if k <= 16] or [8], dead_window=20, shuffle_chunks=2)
     if cfg.data is None:
         root = Path(tempfile.mkdtemp(prefix="saelab_quick_"))
         td.make_synthetic_store(root / "store", d_in=32, n_tokens=32_768, chunk_tokens=2048, seed=cfg.seed)

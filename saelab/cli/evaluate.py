@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no store given: pass --data STORE (the activation store the SAEs were trained on).")
     results = evaluate(args.sae, cfg.data, split=cfg.split, tokens=cfg.tokens, batch_size=cfg.batch_size,
                        model=cfg.model, corpus=cfg.corpus, eval_tokens=cfg.eval_tokens, seq_batch=cfg.seq_batch,
-                       out=cfg.out, device=cfg.device, quiet=args.quiet)
+                       out=cfg.out, device=cfg.device, quiet=args.quiet, adapter=cfg.adapter)
     print(summary_text(results))
     if cfg.out:
         print(f"wrote {cfg.out}/eval.json, eval.md and PNGs")

@@ -71,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
     edits = parse_edits(saes, cfg)
     problems = [p for path, e in zip(args.sae, edits) for p in check_edit(e, path)]
     raise_all(problems, "bad feature edits")
-    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quiet=args.quiet)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter, quiet=args.quiet)
     problems = [p for path, sae in zip(args.sae, saes) for p in check_sae_model(sae, lm.info, path)]
     hook_widths = dict(list_hook_points(lm.model))
     for path, e in zip(args.sae, edits):
         hp = resolve_hooks(lm.model, [e.hook_name()])[0]
-        d_in, width = int(e.sae.W_dec_FD.shape[1]), hook_widths.get(hp.name)
+        d_in, width = int(e.sae.W_dec_FD.shape[1]), hook_widths.get(hp.name, getattr(hp, "width", None))
         if width is not None and width != d_in:
             problems.append(f"{path} has d_in {d_in}, but hook {hp.name!r} of model {lm.info['name']} has "
                             f"width {width}")

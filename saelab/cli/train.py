@@ -6,6 +6,8 @@ defaults < `--config file.yaml` < flags. A YAML file may hold any TrainConfig ke
 key (top level, or under `sae_options:`); an unknown key is an error that names it. The Kimi-K2
 recipe's spellings (`--data_dir --output_dir --num_shards --target_layer --d_model --d_sae
 --l1_coeff --lr --batch_size --epochs --num_workers`) are rewritten by `saelab.cli.FLAG_ALIASES`.
+--architecture, --expansion-factor, --k and --batch-size left unset are chosen by `train` once the
+store is open (`saelab.train.resolve_auto`): BatchTopK x16, k 50, batch 1024 on a LoRA store.
 """
 from __future__ import annotations
 
@@ -16,16 +18,13 @@ import sys
 
 from saelab.errors import UsageError, did_you_mean
 
-# TrainConfig decides these for every architecture (d_in is read from the store).
-_SWEEP_FIELDS = ("d_in", "d_sae", "expansion_factor", "k", "l1_coeff", "l0_coeff")
-
 
 def _sae_option_fields() -> dict[str, type]:
     """Option name -> first config class defining it, over all architectures (registry order)."""
     from saelab.saes import REGISTRY
-    from saelab.train import TrainConfig
+    from saelab.train import SWEEP_FIELDS, TrainConfig
 
-    taken = {f.name for f in dataclasses.fields(TrainConfig)} | set(_SWEEP_FIELDS)
+    taken = {f.name for f in dataclasses.fields(TrainConfig)} | set(SWEEP_FIELDS)
     out: dict[str, type] = {}
     for _, cfg_cls in REGISTRY.values():
         for f in dataclasses.fields(cfg_cls):
@@ -89,14 +88,12 @@ def build_train_config(args: argparse.Namespace):
 
 
 def _check_sae_options(cfg, sae_fields) -> None:
-    from saelab.saes import REGISTRY
+    """Early check when --architecture is given; an unset one is decided (and checked) by `train`,
+    once the store tells whether it is a LoRA store (saelab.train.resolve_auto)."""
+    from saelab.train import check_sae_options
 
-    own = {f.name for f in dataclasses.fields(REGISTRY[cfg.architecture][1])}
-    wrong = [k for k in cfg.sae_options if k not in own]
-    if wrong:
-        raise UsageError(f"option(s) {', '.join(wrong)} do not apply to {cfg.architecture} SAEs "
-                         f"({REGISTRY[cfg.architecture][1].__name__} has: {', '.join(sorted(own - set(_SWEEP_FIELDS)))}). "
-                         "Drop them or choose another --architecture.")
+    if cfg.architecture is not None:
+        check_sae_options(cfg.architecture, cfg.sae_options)
 
 
 def run(args: argparse.Namespace) -> int:
