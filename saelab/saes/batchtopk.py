@@ -51,11 +51,11 @@ def batch_topk_selection(pre_BF: Tensor, k: int) -> Selection:
     total = B * k
     m = min(F_, 2 * k)
     relu_BF = F.relu(pre_BF)
-    cand_v_BM, cand_i_BM = relu_BF.topk(m, dim=-1, sorted=True)
+    cand_v_BM, cand_i_BM = relu_BF.topk(m, dim=-1, sorted=False)
     top = cand_v_BM.reshape(-1).topk(total, sorted=False)
     cut = top.values.min()
-    last_M = cand_v_BM[:, -1]
-    if m < F_ and bool((last_M > cut).any() or ((last_M == cut) & (cut > 0)).any()):
+    last_B = cand_v_BM.amin(-1)  # each row's m-th largest value
+    if m < F_ and bool((last_B > cut).any() or ((last_B == cut) & (cut > 0)).any()):
         flat = relu_BF.reshape(-1).topk(total, sorted=False).indices.sort().values
         row_N, feat_N = flat // F_, flat % F_
     else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,8 +63,8 @@ def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tenso
 @torch.no_grad()
 def remove_parallel_grad_(grad_FD: Tensor, W_FD: Tensor) -> None:
     """grad_f <- grad_f - (grad_f . w_f / ||w_f||^2) w_f for every row f, in place."""
-    coef_F = (grad_FD * W_FD).sum(-1) / W_FD.pow(2).sum(-1).clamp_min(1e-12)
-    grad_FD.sub_(coef_F[:, None] * W_FD)
+    coef_F = torch.einsum("fd,fd->f", grad_FD, W_FD) / torch.einsum("fd,fd->f", W_FD, W_FD).clamp_min(1e-12)
+    grad_FD.addcmul_(coef_F[:, None], W_FD, value=-1)  # no [F, D] temporaries
 
 
 def uniform_crow(B: int, K: int, device=None) -> Tensor:
@@ -96,8 +97,21 @@ class Transposed(NamedTuple):
 
 
 def transpose_selection(sel: Selection, F_: int) -> Transposed:
-    """Group the selected pairs by latent (one stable sort of N integers)."""
-    order = torch.argsort(sel.feat_N, stable=True)
+    """Group the selected pairs by latent (one stable sort of N integers).
+
+    On CPU the sort and the counts run in numpy: a radix sort on 16-bit keys (F <= 65536) takes
+    ~0.5 ms for N = 131k, while torch's parallel stable sort, ~1.3 ms at best, stalls for 20-450 ms
+    when the 2 cores are shared (measured); torch.bincount likewise (median 24 ms vs 0.2 ms).
+    """
+    if sel.feat_N.device.type == "cpu":
+        feat = sel.feat_N.numpy()
+        keys = feat.astype(np.uint16) if F_ <= 1 << 16 else feat.astype(np.int32)
+        order = np.argsort(keys, kind="stable")
+        crow = np.zeros(F_ + 1, dtype=np.int32)
+        np.cumsum(np.bincount(feat, minlength=F_), out=crow[1:])
+        col = sel.row_N.numpy()[order].astype(np.int32)
+        return Transposed(torch.from_numpy(order), torch.from_numpy(crow), torch.from_numpy(col))
+    order = torch.argsort(sel.feat_N.to(torch.int32), stable=True)
     crow = torch.zeros(F_ + 1, dtype=torch.int32, device=sel.feat_N.device)
     crow[1:] = torch.bincount(sel.feat_N, minlength=F_).cumsum(0)
     # int32 CSR indices: the CPU sparse matmul is ~25% faster than with int64 (fine below 2^31 pairs)

@@ -68,10 +68,13 @@ def test_sparse_primitives_match_dense():
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk"])
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("with_dead", [False, True])
-def test_fast_path_equals_dense_reference(name, tied, with_dead):
-    """Same loss and gradients for every parameter, with and without AuxK active."""
-    cfg = REGISTRY[name][1](d_in=24, d_sae=96, k=6, aux_k=10, dead_tokens=5, tied=tied)
+@pytest.mark.parametrize("with_dead,aux_k", [(False, 10), (True, 10), (True, 2)])
+def test_fast_path_equals_dense_reference(name, tied, with_dead, aux_k):
+    """Same loss and gradients for every parameter, with and without AuxK active.
+
+    32 dead latents: aux_k=10 takes AuxK's dense-columns path, aux_k=2 its pair-wise sparse path.
+    """
+    cfg = REGISTRY[name][1](d_in=24, d_sae=96, k=6, aux_k=aux_k, dead_tokens=5, tied=tied)
     sae_fast = make_sae(cfg)
     x = torch.randn(64, 24) * 2 + 1
     sae_fast.init_from_data_(x)
