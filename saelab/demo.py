@@ -41,7 +41,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Path]:
     store = out / "store"
     log.info("[1/4] collect: %s tokens of layer %d from %s", f"{cfg.tokens:,}", cfg.layer, cfg.corpus)
     collect(CollectConfig(out=str(store), model="default", layer=[cfg.layer], corpus=cfg.corpus,
-                          tokens=cfg.tokens, chunk_tokens=65_536, max_length=256, batch_size=8,
+                          tokens=cfg.tokens, chunk_tokens=16_384, max_length=256, batch_size=8,
                           verify=True), quiet=quiet)
     outputs["store"] = store
 
