@@ -18,4 +18,6 @@ from __future__ import annotations
 EXPERIMENTS: dict[str, str] = {
     "toy": "saelab.experiments.toy",
     "reasoning": "saelab.experiments.reasoning",
+    "rkcnn-vs-baseline": "saelab.experiments.rkcnn_compare",
+    "rkcnn-layers": "saelab.experiments.rkcnn_layers",
 }
