@@ -65,11 +65,10 @@ def run_lora_demo(out: str | Path = "runs/demo-lora", quiet: bool = False, steps
 
 def lora_dashboard(sae_dir: str | Path, store_dir: str | Path, path: str | Path, top_k: int = 10,
                    context: int = 10, max_features: int | None = None, quiet: bool = True) -> Path:
-    """The dashboard of a LoRA SAE's live features (most frequent first when `max_features` is set);
-    `interpret.build.build_dashboard` adds each feature's layer x adapter heatmap for LoRA stores."""
-    from saelab.interpret import check_pair, load_or_compute_stats
+    """The interpretation dashboard of a LoRA SAE (with each feature's layer x adapter heatmap, which
+    `build_dashboard` adds for LoRA stores): every live feature, or the `max_features` most frequent."""
+    from saelab.interpret import PassConfig, check_pair, load_or_compute_stats
     from saelab.interpret.build import build_dashboard
-    from saelab.interpret.stats import PassConfig
     from saelab.saes import load_sae
     from saelab.store import load_store
 
@@ -79,5 +78,5 @@ def lora_dashboard(sae_dir: str | Path, store_dir: str | Path, path: str | Path,
     stats = res.stats
     alive = [f for f in range(stats.d_sae) if int(stats.count_F[f]) > 0]
     feats = sorted(alive, key=lambda f: -float(stats.frequency_F[f]))[:max_features] if max_features else alive
-    return build_dashboard(sae, store, hook, res, feats, path, top_k=top_k, context=context,
+    return build_dashboard(sae, store, hook, res, sorted(feats), path, top_k=top_k, context=context,
                            title="saelab LoRA dashboard", sae_name=Path(sae_dir).name)

@@ -165,3 +165,21 @@ def test_cli_intervene_with_adapter(lora_env, tmp_path, capsys):
     assert main(["intervene", str(ident), "--model", str(base), "--adapter", str(adapter), "--corpus", str(corpus),
                  "--ablate", "0,1", "--tokens", "100", "--max-length", "32", "--n-boot", "50", "--quiet"]) == 0
     assert "KL(clean || edited)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ dashboard
+
+
+def test_dashboard_of_a_lora_store_has_adapter_heatmaps(lora_env, tmp_path):
+    import re
+
+    from saelab.lora_demo import lora_dashboard
+
+    _, _, _, store = lora_env
+    res = train(TrainConfig(**_short(store, tmp_path / "run")), quiet=True)
+    page = lora_dashboard(res.final_dir, store, tmp_path / "dash.html", top_k=3, max_features=5).read_text()
+    blocks = re.findall(r'<script type="application/json" id="fd-(\d+)">(.*?)</script>', page, re.S)
+    assert 1 <= len(blocks) <= 5
+    panels = [json.loads(body).get("panels") for _, body in blocks]
+    assert all(p and p[0]["kind"] == "heatmap" for p in panels)
+    assert len(panels[0][0]["rows"]) == 2 and len(panels[0][0]["cols"]) == 7  # layers x adapter types
