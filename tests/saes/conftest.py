@@ -1,12 +1,7 @@
-"""One intra-op thread for SAE tests: tiny matmuls gain nothing from two, and OpenMP barriers on a
-shared, busy machine make two threads many times slower."""
+"""SAE tests run on one intra-op thread (the `one_thread` fixture of tests/conftest.py)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
