@@ -91,7 +91,10 @@ class Config:
     n_boot: int = 1000
     """Bootstrap resamples for every CI."""
     seed: int = 0
-    """Seed of the control draws and the bootstrap."""
+    """Seed of the control draws, the bootstrap and the document shuffle."""
+    shuffle_documents: bool = True
+    """Read each corpus's documents in a seeded random order, so a token budget samples the whole
+    corpus (built-in corpora are grouped: champ-cot holds ~90 replies per problem in a row)."""
     device: str = "cpu"
     """cpu, cuda, cuda:N."""
 
@@ -366,13 +369,20 @@ def problem_activity(model, sae, hook: str, tokenizer, problems: list[Problem], 
 # ------------------------------------------------------------------------------------ the run
 
 
-def _sequences(spec: str, tokenizer, max_length: int):
+def _sequences(spec: str, tokenizer, max_length: int, shuffle_seed: int | None = None):
+    """Packed sequences of a corpus; with `shuffle_seed`, its documents in a seeded random order."""
+    import random
+
     from saelab.corpus import pack_sequences, resolve_corpus
     from saelab.models import tokenizer_info
 
     tk = tokenizer_info(tokenizer)
-    return pack_sequences(resolve_corpus(spec).documents(), tokenizer, max_length, bos_id=tk["bos_id"],
-                          eos_id=tk["eos_id"], pad_id=tk["pad_id"])
+    docs = resolve_corpus(spec).documents()
+    if shuffle_seed is not None:
+        docs = list(docs)
+        random.Random(shuffle_seed).shuffle(docs)
+    return pack_sequences(docs, tokenizer, max_length, bos_id=tk["bos_id"], eos_id=tk["eos_id"],
+                          pad_id=tk["pad_id"])
 
 
 def _corr(name: str, x, y, level: float = 0.95) -> dict:
@@ -418,8 +428,9 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
     raise_all(check_sae_model(sae, lm.info, cfg.sae), "the SAE does not match the model")
     resolve_hooks(lm.model, [hook])
     tok = lm.tokenizer
-    reasoning_seqs = _sequences(cfg.reasoning_corpus, tok, cfg.max_length)
-    prose_seqs = _sequences(cfg.prose_corpus, tok, cfg.max_length)
+    shuffle = cfg.seed if cfg.shuffle_documents else None
+    reasoning_seqs = _sequences(cfg.reasoning_corpus, tok, cfg.max_length, shuffle)
+    prose_seqs = _sequences(cfg.prose_corpus, tok, cfg.max_length, shuffle)
     problems = load_problems(cfg)
 
     # 1. enrichment, with the calc / explanation split counted in the same reasoning pass

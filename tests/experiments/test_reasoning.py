@@ -79,3 +79,33 @@ def test_cli_missing_corpus_gives_fetch_message(dry, tmp_path, monkeypatch, caps
     assert rc == 2 and "saelab corpora fetch champ-cot" in err and "Traceback" not in err
     rc = main(["experiment", "reasoning", "--out", str(tmp_path / "o"), "-q"])
     assert rc == 2 and "--sae" in capsys.readouterr().err
+
+
+def test_documents_are_read_in_a_seeded_random_order(tmp_path):
+    """Grouped corpora (champ-cot: ~90 replies per problem in a row) must be sampled across the whole
+    corpus: the experiment shuffles documents with its seed unless told not to."""
+    import random
+
+    from saelab.experiments.reasoning import _sequences
+    from tests.helpers import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    corpus = make_text_corpus(tmp_path / "c", n_docs=8, seed=5, words=(3, 6))
+    docs = [tok(p.read_text(), add_special_tokens=False)["input_ids"] for p in sorted(corpus.glob("*.txt"))]
+
+    def stream(seqs):  # the packed token stream, document by document
+        ids = [i for s in seqs for i in s.input_ids.tolist() if i != PAD_ID]
+        out, cur = [], []
+        for i in ids:
+            if i == EOS_ID:
+                out.append(cur)
+                cur = []
+            elif i != BOS_ID:
+                cur.append(i)
+        return out
+
+    assert stream(_sequences(str(corpus), tok, 16)) == docs
+    order = list(range(len(docs)))
+    random.Random(3).shuffle(order)
+    assert order != sorted(order)
+    assert stream(_sequences(str(corpus), tok, 16, shuffle_seed=3)) == [docs[i] for i in order]
