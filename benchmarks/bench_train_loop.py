@@ -22,7 +22,7 @@ import torch
 
 from saelab.saes import REGISTRY, make_sae
 from saelab.train import TrainConfig, train
-from saelab.train_data import make_synthetic_store
+from saelab.store.synthetic import make_synthetic_store
 
 
 def bare_seconds(x_chunks: list[torch.Tensor], d_in: int, d_sae: int, k: int) -> float:

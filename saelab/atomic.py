@@ -1,4 +1,4 @@
-"""Atomic directories: write `NAME.tmp/`, fsync its files, then `os.replace` it to `NAME/`.
+"""Safe files: atomic directories (write `NAME.tmp/`, fsync, `os.replace` to `NAME/`) and file hashes.
 
 Owns the one implementation used by `SAE.save` (saes/base.py) and the training checkpoints
 (checkpoint.py), so a crash at any moment leaves either the old directory or the new one, never a
@@ -9,6 +9,7 @@ L0: stdlib only.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -46,4 +47,13 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-__all__ = ["fresh_tmp", "fsync_tree", "commit_dir"]
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read `block` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = ["commit_dir", "fresh_tmp", "fsync_tree", "sha256_file"]

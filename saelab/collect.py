@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.errors import UsageError
-from saelab.store_format import shard_target
+from saelab.store.format import shard_target
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def _hook_widths(model, hook_points) -> dict[str, int]:
 
 
 def _verify_or_raise(path) -> None:
-    from saelab.store_check import verify_store
+    from saelab.store.check import verify_store
 
     report = verify_store(path)
     if report.problems:

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from saelab import metrics as M
 from saelab.errors import UsageError
-from saelab.evaluate import accumulate, downstream, evaluate, summarise
+from saelab.evaluate import accumulate, downstream, evaluate_saes, summarise
 
 HOOK = "model.layers.0"
 
@@ -144,7 +144,7 @@ def test_evaluate_store_writes_outputs(tmp_path):
     sae_b = const_sae(4, x.mean(0))
     sae_a.save(tmp_path / "a")
     sae_b.save(tmp_path / "b")
-    results = evaluate([tmp_path / "a", tmp_path / "b"], store, split="all", batch_size=50,
+    results = evaluate_saes([tmp_path / "a", tmp_path / "b"], store, split="all", batch_size=50,
                        out=tmp_path / "out", quiet=True)
     assert [r.name for r in results] == ["a", "b"]
     assert results[0].n_tokens == 300 and results[0].fvu == 0.0
@@ -157,8 +157,8 @@ def test_evaluate_store_writes_outputs(tmp_path):
     for png in ("pareto_l0_fvu.png", "feature_density.png", "a/feature_density.png", "b/max_cos.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     # --tokens stops early and the result does not depend on the read batch size
-    r1 = evaluate([tmp_path / "b"], store, split="all", tokens=123, batch_size=7, quiet=True)[0]
-    r2 = evaluate([tmp_path / "b"], store, split="all", tokens=123, batch_size=4096, quiet=True)[0]
+    r1 = evaluate_saes([tmp_path / "b"], store, split="all", tokens=123, batch_size=7, quiet=True)[0]
+    r2 = evaluate_saes([tmp_path / "b"], store, split="all", tokens=123, batch_size=4096, quiet=True)[0]
     assert r1.n_tokens == r2.n_tokens == 123
     assert r1.fvu == pytest.approx(r2.fvu, rel=1e-9) and r1.mse == pytest.approx(r2.mse, rel=1e-9)
 
@@ -169,7 +169,7 @@ def test_mismatched_hook_width_and_model_name_both_sides(tmp_path):
     wrong_width = identity_sae(6, model_sha="sha-store")
     wrong_model = identity_sae(4, model_sha="sha-other")
     with pytest.raises(UsageError) as e:
-        evaluate([wrong_hook, wrong_width, wrong_model], store, split="all", quiet=True)
+        evaluate_saes([wrong_hook, wrong_width, wrong_model], store, split="all", quiet=True)
     msg = str(e.value)
     assert "'model.layers.1'" in msg and "'model.layers.0'" in msg
     assert "d_in 6" in msg and "width 4" in msg
@@ -179,13 +179,13 @@ def test_mismatched_hook_width_and_model_name_both_sides(tmp_path):
 def test_tiny_and_empty_splits_give_a_clear_message(tmp_path):
     store = make_store(tmp_path / "one", fp16_data(n=1))
     with pytest.raises(UsageError, match=r"only 1 token\(s\).*at least 2"):
-        evaluate([identity_sae(4)], store, split="all", quiet=True)
+        evaluate_saes([identity_sae(4)], store, split="all", quiet=True)
     store = make_store(tmp_path / "single_chunk", fp16_data(n=40), chunk=64)  # one chunk: no val split
     with pytest.raises(UsageError, match=r"only 0 token\(s\).*--split all"):
-        evaluate([identity_sae(4)], store, split="val", quiet=True)
+        evaluate_saes([identity_sae(4)], store, split="val", quiet=True)
     const = make_store(tmp_path / "const", np.ones((10, 4)))
     with pytest.raises(UsageError, match="do not vary"):
-        evaluate([identity_sae(4)], const, split="all", quiet=True)
+        evaluate_saes([identity_sae(4)], const, split="all", quiet=True)
 
 
 # --------------------------------------------------------------------------- downstream
@@ -272,7 +272,7 @@ def test_cli_evaluate(tmp_path, capsys):
 
 
 def test_pareto_front_and_summary_text():
-    from saelab.evaluate_report import markdown_table, summary_text
+    from saelab.evaluate.report import markdown_table, summary_text
     from saelab.plots import pareto_front
 
     # (L0, FVU): point 2 is dominated by point 1 (more latents, worse FVU); NaN is skipped
@@ -293,7 +293,7 @@ def test_evaluate_downstream_with_model_and_corpus(tmp_path):
     loaded = LoadedModel(model=model, tokenizer=tok, info={"name": "tiny", "sha256": "sha-tiny"})
     store = make_store(tmp_path / "store", fp16_data(n=80, d=d))
     corpus = make_text_corpus(tmp_path / "corpus", n_docs=4)
-    res = evaluate([identity_sae(d), const_sae(d, torch.zeros(d))], store, split="all", model=loaded,
+    res = evaluate_saes([identity_sae(d), const_sae(d, torch.zeros(d))], store, split="all", model=loaded,
                    corpus=str(corpus), eval_tokens=40, seq_batch=2, out=tmp_path / "out", quiet=True)
     assert res[0].ce_recovered == 1.0 and res[0].kl == 0.0 and res[0].ce_sae == res[0].ce_clean
     assert res[1].ce_recovered == 0.0 and res[1].ce_sae == res[1].ce_zero
@@ -301,4 +301,4 @@ def test_evaluate_downstream_with_model_and_corpus(tmp_path):
     assert (tmp_path / "out" / "pareto_l0_ce_recovered.png").is_file()
     other = LoadedModel(model=model, tokenizer=tok, info={"name": "bigger", "sha256": "sha-bigger"})
     with pytest.raises(UsageError, match="bigger.*tiny|tiny.*bigger"):
-        evaluate([identity_sae(d)], store, split="all", model=other, corpus=str(corpus), quiet=True)
+        evaluate_saes([identity_sae(d)], store, split="all", model=other, corpus=str(corpus), quiet=True)

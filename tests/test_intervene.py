@@ -4,9 +4,9 @@ import torch
 
 from saelab.corpus import pack_sequences
 from saelab.errors import UsageError
+from saelab.cli.intervene import parse_edits
 from saelab.intervene import (
     Edit, InterveneConfig, apply_edit, check_sae_model, edit_delta, edit_delta_reference, intervene, measure_effect,
-    parse_edits,
 )
 from saelab.models import capture, splice, token_losses
 from saelab.saes import TopKConfig, load_sae, make_sae

@@ -13,7 +13,8 @@ import torch
 
 from saelab.collect import CollectConfig, collect
 from saelab.errors import UsageError
-from saelab.lora import FinetuneConfig, adapter_heatmap, adapter_heatmap_reference, finetune, lora_panels, store_slices
+from saelab.finetune import FinetuneConfig, finetune
+from saelab.interpret.adapters import adapter_heatmap, adapter_heatmap_reference, lora_panels, store_slices
 from saelab.models import capture, load_model, resolve_hooks
 from saelab.models.lora import LORA_TYPES, lora_patch, resolve_lora_hook
 from saelab.store import load_store

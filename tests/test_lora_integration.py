@@ -13,7 +13,7 @@ import torch
 
 from saelab.cli import build_parser, main
 from saelab.collect import CollectConfig, collect
-from saelab.lora import LORA_SAE_DEFAULTS, lora_train_defaults
+from saelab.train.config import LORA_SAE_DEFAULTS, lora_train_defaults
 from saelab.models import load_model
 from saelab.models.lora import lora_patch
 from saelab.saes import load_sae
@@ -173,7 +173,7 @@ def test_cli_intervene_with_adapter(lora_env, tmp_path, capsys):
 def test_dashboard_of_a_lora_store_has_adapter_heatmaps(lora_env, tmp_path):
     import re
 
-    from saelab.lora_demo import lora_dashboard
+    from saelab.recipes.lora_demo import lora_dashboard
 
     _, _, _, store = lora_env
     res = train(TrainConfig(**_short(store, tmp_path / "run")), quiet=True)

@@ -106,7 +106,7 @@ def test_fp16_overflow_is_clamped_counted_and_logged(tmp_path, caplog):
     tokens, seqpos, acts = chunk_arrays(0, 0, 4)
     x = acts[HOOK]
     x[0, 1], x[1, 2], x[2, 3], x[3, 1] = 1e6, -7e4, 65504.0, np.nan
-    with caplog.at_level(logging.WARNING, logger="saelab.store_writer"):
+    with caplog.at_level(logging.WARNING, logger="saelab.store.writer"):
         with ShardWriter.open(tmp_path, make_meta(), 0, 1) as w:
             entry = w.write_chunk(tokens, seqpos, acts, 1, 1, overflow={HOOK: 3})
     assert entry.overflow == {HOOK: 2 + 3} and entry.nan == {HOOK: 1}
@@ -404,7 +404,7 @@ def test_disk_full_is_a_clear_error_and_resume_works_after_freeing_space(small_t
     for i in range(done, 8):
         w.write_chunk(tok, sp, {HOOK: x}, i + 1, i + 1)
     w.finish()
-    from saelab.store_check import verify_store
+    from saelab.store.check import verify_store
     assert verify_store(root).ok and len(load_store(root).chunks) == 8
 
 
@@ -421,7 +421,7 @@ def test_permission_denied_is_a_clear_error(tmp_path):
 
 
 def test_saelab_load_store_is_lazy_and_torch_free_at_import():
-    code = "import sys, saelab; assert 'torch' not in sys.modules; assert saelab.load_store.__module__ == 'saelab.store'"
+    code = "import sys, saelab; assert 'torch' not in sys.modules; assert saelab.load_store.__module__ == 'saelab.store.reader'"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 

@@ -9,7 +9,7 @@ from test_store import HOOK, chunk_arrays, make_meta, make_store
 
 from saelab.cli import main
 from saelab.store import ShardWriter
-from saelab.store_check import monitor_snapshot, render_monitor, render_verify, verify_store
+from saelab.store.check import monitor_snapshot, render_monitor, render_verify, verify_store
 
 BAD = f"shard_00001/chunk_000000.{HOOK}.npy"
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab import checkpoint as ck
+from saelab.train import checkpoint as ck
 from saelab.cli import build_parser, main, rewrite_aliases
 from saelab.errors import UsageError
 from saelab.train import TrainConfig, train
-from saelab.train_data import make_synthetic_store
-from saelab.train_state import DeadTracker, lr_at, resample_dead_, sparsity_scale_at
+from saelab.store.synthetic import make_synthetic_store
+from saelab.train.schedule import DeadTracker, lr_at, resample_dead_, sparsity_scale_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_sae_best_is_lowest_validation_loss(store, tmp_path):
     meta = json.loads((res.best_dir / "metadata.json").read_text())
     assert meta["step"] == best_step
     assert res.runs[0].best_val_loss == pytest.approx(best_loss)
-    from saelab.train_data import evaluate_checkpoint
+    from saelab.train import evaluate_checkpoint
     again = evaluate_checkpoint(res.best_dir, batch_size=128, eval_tokens=1024)
     # the saved SAE has the input scale folded in: raw-unit metrics match what training recorded
     for key in ("val_fvu", "val_mse", "val_l0"):
@@ -176,7 +176,7 @@ def _plant_inf(store_root: Path, chunk: int, shard: int = 0) -> None:
 
 
 def test_inf_in_store_stops_before_the_step_and_names_it(tmp_path):
-    from saelab import train_data as td
+    from saelab.train import sources as td
     from saelab.store import load_store
 
     root = make_synthetic_store(tmp_path / "s", d_in=16, n_tokens=8192, chunk_tokens=512, seed=1)
@@ -203,13 +203,14 @@ def test_inf_in_store_stops_before_the_step_and_names_it(tmp_path):
 
 def test_nonfinite_gradient_is_named():
     from saelab.saes import TopKConfig, make_sae
-    from saelab.train import _check_grads, _Run
+    from saelab.train.checkpoint import RunState
+    from saelab.train.loop import _check_grads
 
     sae = make_sae(TopKConfig(d_in=4, d_sae=8, k=2))
     for p in sae.parameters():
         p.grad = torch.zeros_like(p)
     sae.b_enc_F.grad[3] = float("nan")
-    run = _Run("topk_k2_x2", sae, torch.optim.Adam(sae.parameters()), DeadTracker(8, 5), Path("."), ".")
+    run = RunState("topk_k2_x2", sae, torch.optim.Adam(sae.parameters()), DeadTracker(8, 5), Path("."), ".")
     with pytest.raises(RuntimeError, match=r"step 17: the gradient of b_enc_F in SAE topk_k2_x2 has 1 NaN/inf"):
         _check_grads(run, 17, "kept X")
 
@@ -406,7 +407,7 @@ def test_memory_is_bounded_by_the_shuffle_buffer(tmp_path):
 
 def test_stream_from_model_trains_and_resumes_the_stream_exactly(tmp_path):
     from tests.helpers import make_text_corpus, tiny_llama
-    from saelab import train_data as td
+    from saelab.train import sources as td
 
     model, tok = tiny_llama()
     model.save_pretrained(tmp_path / "m")

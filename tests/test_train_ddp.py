@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saelab.train_data import make_synthetic_store
+from saelab.store.synthetic import make_synthetic_store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,13 @@ import importlib
 import logging
 import sys
 
+from saelab import __version__
+from saelab.cli.common import Parser
 from saelab.errors import UsageError
 
 # One module per pipeline stage; each defines register(subparsers).
 _COMMAND_MODULES = ["collect", "store", "models", "train", "evaluate", "interpret", "export", "experiment", "intervene",
-                    "lora"]
+                    "finetune", "demo"]
 
 # Legacy and recipe flag spellings -> saelab's own flag. One table for the whole CLI (STYLE.md).
 # The Kimi-K2 SAE recipe's names work unchanged as aliases.
@@ -52,30 +54,13 @@ def rewrite_aliases(argv: list[str]) -> list[str]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with saelab's error format: 'saelab: error: ...' and exit code 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.print_usage(sys.stderr)
-        self.exit(2, f"saelab: error: {message}\n  Run `{self.prog} --help` for the options.\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="saelab", description="Sparse autoencoders for language-model activations.")
-    from saelab import __version__
-
+    parser = Parser(prog="saelab", description="Sparse autoencoders for language-model activations.")
     parser.add_argument("--version", action="version", version=f"saelab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in _COMMAND_MODULES:
         importlib.import_module(f"saelab.cli.{name}").register(sub)
     return parser
-
-
-def add_common_flags(p: argparse.ArgumentParser) -> None:
-    """--quiet / --verbose on every subcommand."""
-    g = p.add_argument_group("output")
-    g.add_argument("-q", "--quiet", action="store_true", help="warnings only; no progress bars")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

@@ -11,34 +11,26 @@ import functools
 import importlib
 from pathlib import Path
 
+from saelab.cli.common import config_command
+from saelab.experiments import EXPERIMENTS
+
 
 def register(sub) -> None:
     """Add `experiment` and one sub-subcommand per registered experiment to the `saelab` parser."""
-    from saelab.cli import add_common_flags
-    from saelab.config import add_dataclass_args
-    from saelab.experiments import EXPERIMENTS
-
     p = sub.add_parser("experiment", help="run an experiment: results JSON + PNG plots",
                        description="Run an experiment; each writes results.json and PNG plots to --out.")
     esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", parser_class=type(p))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     for name, module_path in EXPERIMENTS.items():
         mod = importlib.import_module(module_path)
-        q = esub.add_parser(name, help=mod.HELP, description=mod.__doc__.split("\n\n")[0])
+        q = config_command(esub, name, mod.Config, functools.partial(_run, mod), help=mod.HELP,
+                           description=mod.__doc__.split("\n\n")[0])
         q.add_argument("--out", type=Path, default=Path("runs") / f"experiment-{name}",
-                       help="directory for results.json and the plots (default: runs/experiment-%(prog)s)".replace("%(prog)s", name))
-        q.add_argument("--config", help="YAML file with settings (flags override it)")
+                       help=f"directory for results.json and the plots (default: runs/experiment-{name})")
         q.add_argument("--dry-run", action="store_true", help="tiny settings: runs in seconds (smoke test)")
-        add_dataclass_args(q, mod.Config, title="experiment settings")
-        add_common_flags(q)
-        q.set_defaults(func=functools.partial(_run, mod, name))
 
 
-def _run(mod, name: str, args) -> int:
-    from saelab.config import build_config, load_yaml
-
-    yaml_data = load_yaml(args.config) if args.config else None
-    cfg = build_config(mod.Config, args, yaml_data, source=args.config or f"experiment {name} flags")
+def _run(mod, cfg, args) -> int:
     results = mod.run(cfg, args.out, dry_run=args.dry_run, quiet=args.quiet)
     print(mod.summary(results))
     print(f"results: {Path(args.out) / 'results.json'}")

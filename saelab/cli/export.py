@@ -6,7 +6,7 @@ import argparse
 
 def register(sub) -> None:
     """Add `saelab export` to the `saelab` parser."""
-    from saelab.cli import add_common_flags
+    from saelab.cli.common import add_common_flags
 
     p = sub.add_parser("export", help="write a saved SAE in another tool's format (SAELens)",
                        description="Write a saved SAE directory in another tool's format.")

@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from saelab.cli import add_common_flags
+from saelab.cli.common import add_common_flags
 from saelab.config import add_dataclass_args, build_config, parse_int
 from saelab.errors import UsageError
 

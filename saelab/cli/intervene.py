@@ -1,31 +1,73 @@
 """`saelab intervene SAE_DIR [SAE_DIR ...] --ablate 12,845 --steer 77:4.0 --corpus C`: edit features, see the effect.
 
-Flags come from `InterveneConfig` (saelab/intervene.py). With --corpus: loss change with a bootstrap
+Flags come from `InterveneConfig` (saelab/intervene/config.py); the edit texts are parsed here. With --corpus: loss change with a bootstrap
 CI over sequences, KL from the clean model and the tokens whose probability moved most. With
 --prompt: clean and edited greedy generations side by side. Both may be given.
 """
 from __future__ import annotations
 
 import argparse
+import textwrap
+from collections.abc import Sequence
+
+from saelab.cli.common import config_command
+from saelab.corpus import pack_sequences, resolve_corpus
+from saelab.errors import UsageError, raise_all
+from saelab.intervene import (Edit, InterveneConfig, check_edit, check_sae_model, generate_pair,
+                              measure_effect)
+from saelab.models import list_hook_points, load_model, resolve_hooks, tokenizer_info
+from saelab.saes import load_sae
 
 
 def register(sub) -> None:
     """Add `intervene` to the `saelab` parser."""
-    from saelab.cli import add_common_flags
-    from saelab.config import add_dataclass_args
-    from saelab.intervene import InterveneConfig
-
-    p = sub.add_parser(
-        "intervene", help="ablate / clamp / scale / steer SAE features and measure what changes",
+    config_command(
+        sub, "intervene", InterveneConfig, run,
+        help="ablate / clamp / scale / steer SAE features and measure what changes",
         description="Splice SAEs into the model with feature edits (the reconstruction error is kept by "
                     "default) and report the change in next-token loss, KL and token probabilities, "
                     "or generations with and without the edits.",
+        positionals=lambda p: p.add_argument("sae", nargs="+", metavar="SAE_DIR",
+                                             help="SAE directories (e.g. runs/NAME/sae_best)"),
     )
-    p.add_argument("sae", nargs="+", metavar="SAE_DIR", help="SAE directories (e.g. runs/NAME/sae_best)")
-    p.add_argument("--config", metavar="YAML", help="YAML file of the options below (flags win)")
-    add_dataclass_args(p, InterveneConfig, title="intervene")
-    add_common_flags(p)
-    p.set_defaults(func=run)
+
+
+def _feature_target(text: str, n_saes: int, flag: str) -> tuple[int | None, int]:
+    sae_i, _, feat = text.strip().rpartition("/")
+    try:
+        f = int(feat)
+        i = int(sae_i) if sae_i else None
+    except ValueError:
+        raise UsageError(f"--{flag} {text!r}: expected a feature id (e.g. 12) or SAE/feature (e.g. 1/12).") from None
+    if i is not None and not 0 <= i < n_saes:
+        raise UsageError(f"--{flag} {text!r}: SAE index {i} out of range; {n_saes} SAE(s) given (0 .. {n_saes - 1}).")
+    return i, f
+
+
+def parse_edits(saes: Sequence, cfg: InterveneConfig) -> list[Edit]:
+    """One Edit per SAE from the --ablate/--steer/--clamp/--scale texts of `cfg`.
+
+    Raises:
+        UsageError: malformed text (`77:4.0` expected), SAE index out of range.
+    """
+    edits = [Edit(sae, hook=cfg.hook, ablate=[], clamp={}, scale={}, steer={}) for sae in saes]
+    for item in cfg.ablate:
+        i, f = _feature_target(item, len(saes), "ablate")
+        for e in (edits if i is None else [edits[i]]):
+            e.ablate.append(f)  # type: ignore[union-attr]
+    for flag in ("steer", "clamp", "scale"):
+        for item in getattr(cfg, flag):
+            feat, sep, value = str(item).rpartition(":")
+            try:
+                v = float(value)
+            except ValueError:
+                v = None
+            if not sep or v is None:
+                raise UsageError(f"--{flag} {item!r}: expected feature:value, e.g. 77:4.0 (several: 77:4.0,5:-1).")
+            i, f = _feature_target(feat, len(saes), flag)
+            for e in (edits if i is None else [edits[i]]):
+                getattr(e, flag)[f] = v
+    return edits
 
 
 def _fmt_text(t: str) -> str:
@@ -50,17 +92,7 @@ def effect_table(eff) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from saelab.config import build_config, load_yaml
-    from saelab.errors import UsageError, raise_all
-    from saelab.intervene import (
-        InterveneConfig, check_edit, check_sae_model, generate_pair, measure_effect, parse_edits,
-    )
-    from saelab.models import list_hook_points, load_model, resolve_hooks, tokenizer_info
-    from saelab.saes import load_sae
-
-    cfg = build_config(InterveneConfig, args, load_yaml(args.config) if args.config else None,
-                       source=args.config or "flags")
+def run(cfg: InterveneConfig, args: argparse.Namespace) -> int:
     if not cfg.corpus and not cfg.prompt:
         raise UsageError("nothing to measure: pass --corpus TEXT (loss change, KL, token table) and/or "
                          "--prompt \"...\" (generations side by side).")
@@ -85,8 +117,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{path} @ {e.hook_name()}: ablate {list(e.ablate)} clamp {dict(e.clamp)} "
               f"scale {dict(e.scale)} steer {dict(e.steer)}; keep_error={cfg.keep_error}")
     if cfg.corpus:
-        from saelab.corpus import pack_sequences, resolve_corpus
-
         corpus = resolve_corpus(cfg.corpus)
         tk = tokenizer_info(lm.tokenizer)
         seqs = pack_sequences(corpus.documents(), lm.tokenizer, cfg.max_length, bos_id=tk["bos_id"],
@@ -107,8 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
 def side_by_side(clean: str, edited: str, width: int = 48) -> str:
     """Two columns, clean | edited, wrapped at `width` characters."""
-    import textwrap
-
     left = textwrap.wrap(clean.replace("\n", " / "), width) or [""]
     right = textwrap.wrap(edited.replace("\n", " / "), width) or [""]
     n = max(len(left), len(right))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from saelab.cli import add_common_flags
+from saelab.cli.common import add_common_flags
 from saelab.config import add_dataclass_args, build_config
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from saelab.cli import add_common_flags
+from saelab.cli.common import add_common_flags
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def _verify(args) -> int:
-    from saelab.store_check import render_verify, verify_store
+    from saelab.store.check import render_verify, verify_store
 
     bad = 0
     for i, d in enumerate(args.dirs):
@@ -38,7 +38,7 @@ def _verify(args) -> int:
 
 
 def _monitor(args) -> int:
-    from saelab.store_check import monitor_snapshot, render_monitor
+    from saelab.store.check import monitor_snapshot, render_monitor
 
     while True:
         statuses = monitor_snapshot(args.dir)

@@ -35,7 +35,7 @@ def _sae_option_fields() -> dict[str, type]:
 
 def register(sub) -> None:
     """Add `saelab train` to the `saelab` parser."""
-    from saelab.cli import add_common_flags
+    from saelab.cli.common import add_common_flags
     from saelab.config import add_dataclass_args
     from saelab.train import TrainConfig
 
@@ -98,7 +98,7 @@ def _check_sae_options(cfg, sae_fields) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saelab.train import train
-    from saelab.train_data import evaluate_checkpoint
+    from saelab.train import evaluate_checkpoint
 
     if args.eval_only:
         if not args.load_checkpoint:

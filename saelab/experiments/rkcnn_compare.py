@@ -14,7 +14,7 @@ SAE is measured on the first eval_tokens of its validation split:
 
     dead_frac     = mean_i [ count_i = 0 ]             count_i = tokens on which latent i fired (f > 0)
     dead_count    = sum_i  [ count_i = 0 ]
-    l0, mse, fvu  = saelab.train_data.evaluate_sae     (raw units)
+    l0, mse, fvu  = saelab.train.validation.evaluate_sae     (raw units)
     mean_act(G)   = sum_{i∈G} sum_n f_ni / sum_{i∈G} count_i      mean activation when active, over a
                                                                    latent group G
     G_mined       = the rkcnn run's mined latents (for baseline_s: the same indices, a control)
@@ -234,7 +234,7 @@ def train_config(cfg: CompareConfig, store: str, hook: str, out: Path, method: s
 def run_one(cfg: CompareConfig, store: str, hook: str, out: Path, method: str, seed: int,
             mined_F: torch.Tensor | None, quiet: bool) -> tuple[dict, torch.Tensor]:
     """Train one SAE and measure it; returns (per-seed row, the mined mask used for the groups)."""
-    from saelab import train_data as td
+    from saelab.train import sources as td
     from saelab.saes import load_sae
     from saelab.train import train
 
@@ -314,7 +314,7 @@ def collect_store(cfg: CompareConfig, hooks: list[str], out: Path, quiet: bool) 
 
 def synthetic_store(root: Path, hook: str, seed: int = 0) -> str:
     """A small planted-feature store (train_data.make_synthetic_store) for dry runs."""
-    from saelab.train_data import make_synthetic_store
+    from saelab.store.synthetic import make_synthetic_store
 
     if not (root / "store.json").is_file():
         make_synthetic_store(root, d_in=32, n_tokens=16_384, chunk_tokens=1024, seed=seed, hook=hook)

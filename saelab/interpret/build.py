@@ -49,7 +49,7 @@ def _lora_panels(sae, store, hook, feature_ids):
     """Layer x adapter-type heatmaps of decoder norms, for stores of LoRA adapter activations."""
     if not store.meta.get("slices"):
         return None
-    from saelab.lora import lora_panels, store_slices
+    from saelab.interpret.adapters import lora_panels, store_slices
 
     slices = store_slices(store.meta, hook)
     return lora_panels(sae.W_dec_FD.detach().cpu(), slices, feature_ids) if slices else None

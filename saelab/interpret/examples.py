@@ -27,7 +27,6 @@ Shapes: E examples, W window (2·context + 1), F features, D d_in, V vocab, K to
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np

@@ -15,23 +15,24 @@ Owns:
   * `token_losses`: next-token cross-entropy per position.
 
 Leaves out: generation, training, anything about SAEs (evaluate/intervene pass a plain fn to splice).
-Files: `loading.py` (load_model, hashes, tokenizer ids), `hooks.py` (hook points, capture, splice).
+Files: `points.py` (hook-point names, the causal LM inside a peft wrapper, its layers),
+`loading.py` (load_model, hashes, tokenizer ids), `hooks.py` (resolve, capture, splice),
+`lora.py` (hooks between a LoRA's A and B).
 
 Shapes: B batch, S sequence, D width of a hook point, V vocab.
 
     h_l        = layer_l(h_{l-1})                  `model.layers.{l}` output (residual stream)
     loss_BS[b, t] = -log softmax(logits_BSV[b, t])[input_ids_BS[b, t + 1]]     (t = 0 .. S-2)
 """
-from saelab.models.hooks import (
-    HookPoint, capture, layer_hook, layers_of, list_hook_points, resolve_hooks, splice, token_losses,
-)
+from saelab.models.hooks import capture, list_hook_points, resolve_hooks, splice, token_losses
+from saelab.models.points import HookPoint, causal_lm, layer_hook, layers_of
 from saelab.models.loading import (
     LoadedModel, ModelConfig, default_gguf_path, dir_sha256, file_sha256, load_model, load_tokenizer,
     tokenizer_info,
 )
 
 __all__ = [
-    "HookPoint", "LoadedModel", "ModelConfig", "capture", "default_gguf_path", "dir_sha256", "file_sha256",
+    "HookPoint", "LoadedModel", "ModelConfig", "capture", "causal_lm", "default_gguf_path", "dir_sha256", "file_sha256",
     "layer_hook", "layers_of", "list_hook_points", "load_model", "load_tokenizer", "resolve_hooks",
     "splice", "token_losses", "tokenizer_info",
 ]

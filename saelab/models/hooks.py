@@ -18,67 +18,15 @@ Shapes: B batch, S sequence, D width of a hook point, V vocab.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from saelab.errors import UsageError, did_you_mean
-
-_PEFT_PREFIX = "base_model.model."
-
-
-
-
-@dataclasses.dataclass(frozen=True)
-class HookPoint:
-    """A place in the model where activations are read or replaced."""
-
-    name: str
-    """Canonical name: module path, plus `:input` when reading the module's input."""
-    module_name: str
-    """Module path relative to the causal LM (`model.layers.15.mlp`)."""
-    io: Literal["input", "output"]
-    """Read the module's first positional input or its output (`[0]` of a tuple output)."""
-    module: nn.Module = dataclasses.field(repr=False, compare=False)
-    """The module itself."""
-
-
-def layer_hook(i: int) -> str:
-    """Hook name of the residual stream after decoder layer `i`."""
-    return f"model.layers.{int(i)}"
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The causal LM inside a peft wrapper (names are relative to it), else the model itself."""
-    if type(model).__name__.startswith("Peft") and hasattr(model, "base_model"):
-        return model.base_model.model
-    return model
-
-
-def layers_of(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list (`model.layers` for Llama, Gemma2, DeepseekV3 and most causal LMs)."""
-    lm = _causal_lm(model)
-    inner = getattr(lm, "model", None)
-    layers = getattr(inner, "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        return layers
-    for name, mod in lm.named_modules():  # other layouts: the first list named *.layers / *.h
-        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
-            return mod
-    raise UsageError(f"could not find the decoder layers of {type(lm).__name__}: saelab knows models "
-                     "whose layers live at `model.layers` (Llama, Gemma2, DeepseekV3, ...).")
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    module_name, _, io = name.strip().partition(":")
-    if module_name.startswith(_PEFT_PREFIX):
-        module_name = module_name[len(_PEFT_PREFIX):]
-    return module_name, io or "output"
-
+from saelab.models.lora import is_lora_spec, resolve_lora_hook
+from saelab.models.points import HookPoint, causal_lm, layers_of, split_name
 
 def resolve_hooks(model: nn.Module, names: Sequence[str] | str) -> list[HookPoint]:
     """Turn hook names into HookPoints; every unknown name is reported at once.
@@ -89,9 +37,7 @@ def resolve_hooks(model: nn.Module, names: Sequence[str] | str) -> list[HookPoin
     """
     if isinstance(names, str):
         names = [names]
-    from saelab.models.lora import is_lora_spec, resolve_lora_hook
-
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     modules = {n: m for n, m in lm.named_modules() if n}
     n_layers = len(layers_of(model))
     problems, out = [], []
@@ -102,7 +48,7 @@ def resolve_hooks(model: nn.Module, names: Sequence[str] | str) -> list[HookPoin
             except UsageError as e:
                 problems.append(str(e))
             continue
-        module_name, io = _split_name(raw)
+        module_name, io = split_name(raw)
         if io not in ("input", "output"):
             problems.append(f"hook point {raw!r} has suffix ':{io}'; expected ':input' or ':output'.")
             continue
@@ -276,7 +222,7 @@ def list_hook_points(model_or_loaded, seq_len: int = 4) -> list[tuple[str, int]]
     projections, LoRA A->B), and `name:input` for linear layers.
     """
     model = model_or_loaded.model if hasattr(model_or_loaded, "info") else model_or_loaded  # LoadedModel
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     batch = 2  # batch 2 tells per-token activations apart from shared tensors (rotary tables, [1, S, d])
     found: dict[str, int] = {}
     calls: dict[str, int] = {}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from saelab.errors import UsageError
-from saelab.models.hooks import _causal_lm, layers_of
+from saelab.models.points import causal_lm, layers_of
 from saelab.paths import saelab_home
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     info = {
         "spec": spec, "name": name, "sha256": sha,
-        "architecture": (getattr(cfg, "architectures", None) or [type(_causal_lm(model)).__name__])[0],
+        "architecture": (getattr(cfg, "architectures", None) or [type(causal_lm(model)).__name__])[0],
         "num_layers": len(layers_of(model)), "d_model": int(cfg.hidden_size),
         "vocab_size": int(cfg.vocab_size),
     }

@@ -21,7 +21,7 @@ merged models) and `lora_patch`, which replaces every part's `a` by slices of a 
 two-pass way to splice an SAE reconstruction in: the parts run at different depths, so the whole
 vector exists only after the pass).
 
-Leaves out: training adapters (saelab.lora), anything about SAEs. Shapes: B batch, S sequence,
+Leaves out: training adapters (saelab.finetune), anything about SAEs. Shapes: B batch, S sequence,
 D width of the concatenated vector, r rank.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from saelab.errors import UsageError
+from saelab.models.points import HookPoint, causal_lm, layers_of
 
 PREFIX = "lora:"
 # adapter type -> module path inside a decoder layer (Llama family and most causal LMs)
@@ -154,9 +155,7 @@ def _lora_a_modules(lm: nn.Module) -> dict[str, nn.Module]:
 
 def present_types(model: nn.Module) -> list[str]:
     """Adapter types (canonical order) for which the model holds at least one LoRA module."""
-    from saelab.models.hooks import _causal_lm
-
-    suffixes = {m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in _lora_a_modules(_causal_lm(model))}
+    suffixes = {m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in _lora_a_modules(causal_lm(model))}
     return [t for t, path in LORA_TYPES.items() if path in suffixes]
 
 
@@ -167,10 +166,8 @@ def resolve_lora_hook(model: nn.Module, spec: str) -> LoraHookPoint:
         UsageError: the model holds no LoRA modules (no --adapter, or an adapter merged into the
             weights), or a requested type the adapter does not have (names the types it has).
     """
-    from saelab.models.hooks import HookPoint, _causal_lm, layers_of
-
     types = parse_lora_spec(spec)
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     found = _lora_a_modules(lm)
     if not found:
         raise UsageError(
@@ -263,8 +260,6 @@ def check_adapter(model: nn.Module, adapter: str | Path) -> dict:
             adapter, or modules / shapes that do not match the base model (names both shapes and the
             base model of adapter_config.json).
     """
-    from saelab.models.hooks import _causal_lm
-
     p = Path(adapter)
     if not (p / "adapter_config.json").is_file():
         if (p / "config.json").is_file():
@@ -280,7 +275,7 @@ def check_adapter(model: nn.Module, adapter: str | Path) -> dict:
     if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
         raise UsageError(f"adapter {p} is a {acfg.get('peft_type')} adapter; saelab hooks LoRA adapters only.")
     shapes = _read_adapter_shapes(p)
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     modules = dict(lm.named_modules())
     base = acfg.get("base_model_name_or_path") or "(not recorded)"
     mcfg = getattr(model, "config", None)

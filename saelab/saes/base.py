@@ -22,7 +22,6 @@ It leaves out the training loop (train.py) and the architecture maths (relu.py, 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -32,11 +31,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.atomic import commit_dir, fresh_tmp
+from saelab import __version__
+from saelab.atomic import commit_dir, fresh_tmp, sha256_file
+from saelab.config import to_dict
 from saelab.errors import UsageError, raise_all
+from saelab.saes.ops import geometric_median
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ class SAE(nn.Module):
         Args:
             x_sample_ND: a sample of raw activations, a few thousand rows is plenty.
         """
-        from saelab.saes.ops import geometric_median
-
         x = x_sample_ND.to(self.W_dec_FD.device, torch.float32)
         if self.cfg.normalize_input:
             ms = x.pow(2).sum(-1).mean()
@@ -254,9 +253,6 @@ class SAE(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """cfg.json: architecture, every config field, format and saelab versions."""
-        from saelab import __version__
-        from saelab.config import to_dict
-
         return {"architecture": self.cfg.architecture, **to_dict(self.cfg),
                 "format_version": FORMAT_VERSION, "saelab_version": __version__}
 
@@ -273,107 +269,11 @@ class SAE(nn.Module):
         tensors = {k: v.contiguous().cpu() for k, v in self.folded_state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = dict(metadata if metadata is not None else self.metadata)
-        meta["weights_sha256"] = _sha256(tmp / "model.safetensors")
+        meta["weights_sha256"] = sha256_file(tmp / "model.safetensors")
         (tmp / "cfg.json").write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         commit_dir(tmp, final)
         return final
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_cfg(path: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
-    """Parse `path/cfg.json` into the architecture's config; returns (cfg, raw dict).
-
-    Raises:
-        UsageError: missing file, newer format_version, or unknown architecture.
-    """
-    from saelab.config import config_from_dict
-    from saelab.saes import REGISTRY
-
-    p = Path(path)
-    cfg_path = p / "cfg.json"
-    if not cfg_path.is_file():
-        hint = f" A half-finished save may have left {p.name}.old or {p.name}.tmp beside it." if (
-            p.with_name(p.name + ".old").exists() or p.with_name(p.name + ".tmp").exists()) else ""
-        raise UsageError(f"{p} is not an SAE directory: {cfg_path} is missing. Pass a directory written "
-                         f"by `saelab train` (e.g. runs/NAME/sae_best).{hint}")
-    raw = json.loads(cfg_path.read_text())
-    version = raw.get("format_version", 0)
-    if version > FORMAT_VERSION:
-        raise UsageError(f"{cfg_path} has format_version {version}, newer than this saelab reads "
-                         f"({FORMAT_VERSION}; written by saelab {raw.get('saelab_version', '?')}). "
-                         "Upgrade saelab (pip install -U saelab) to load it.")
-    arch = raw.get("architecture")
-    if arch not in REGISTRY:
-        raise UsageError(f"{cfg_path}: unknown architecture {arch!r}; known: {', '.join(sorted(REGISTRY))}.")
-    fields = {k: v for k, v in raw.items() if k not in ("architecture", "format_version", "saelab_version")}
-    cfg = config_from_dict(REGISTRY[arch][1], fields, str(cfg_path))
-    return cfg, raw
-
-
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE directory written by `SAE.save`, checking it thoroughly; returns it in eval mode.
-
-    Checks: format_version not newer, known architecture, sha256 of model.safetensors against
-    metadata.json (a flipped byte anywhere is caught), the exact set of tensor names, their shapes,
-    and that every value is finite.
-
-    Raises:
-        UsageError: naming what is wrong (missing/extra tensors by name, bad shapes, ...).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from saelab.saes import REGISTRY
-
-    p = Path(path)
-    cfg, _ = read_cfg(p)
-    weights = p / "model.safetensors"
-    if not weights.is_file():
-        raise UsageError(f"{p} has cfg.json but no model.safetensors; the directory is incomplete. "
-                         "Re-save the SAE or use another checkpoint.")
-    meta_path = p / "metadata.json"
-    metadata: dict[str, Any] = {}
-    if meta_path.is_file():
-        metadata = json.loads(meta_path.read_text())
-    expected_sha = metadata.get("weights_sha256")
-    if expected_sha is None:
-        log.warning("%s: no weights_sha256 in metadata.json; cannot detect corrupted bytes", p)
-    else:
-        actual = _sha256(weights)
-        if actual != expected_sha:
-            raise UsageError(f"{weights} is corrupted: its sha256 is {actual[:16]}..., metadata.json records "
-                             f"{expected_sha[:16]}.... Copy the checkpoint again or use another one.")
-    try:
-        tensors = load_file(str(weights))
-    except SafetensorError as e:
-        raise UsageError(f"{weights} is not a readable safetensors file ({e}).") from None
-    sae = REGISTRY[cfg.architecture][0](cfg)
-    expected = {k: v.shape for k, v in sae.state_dict().items()}
-    problems = []
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if extra:
-        problems.append(f"unexpected tensors: {', '.join(extra)}")
-    for name in sorted(set(expected) & set(tensors)):
-        if tuple(tensors[name].shape) != tuple(expected[name]):
-            problems.append(f"tensor {name} has shape {list(tensors[name].shape)}, expected "
-                            f"{list(expected[name])} for d_in={cfg.d_in}, d_sae={cfg.d_sae}")
-        elif tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
-            problems.append(f"tensor {name} holds NaN or inf values")
-    raise_all(problems, f"{weights} does not match its cfg.json ({cfg.architecture}); re-save the SAE")
-    sae.load_state_dict(tensors)
-    sae.metadata = metadata
-    return sae.to(device).eval()
 
 
 def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
@@ -393,4 +293,4 @@ def stats_output(loss: Tensor, x_BD: Tensor, x_hat_BD: Tensor, l0: Tensor, fired
                        (aux if aux is not None else zero).detach(), l0.detach().float(), v, fired_F)
 
 
-__all__ = ["SAEConfig", "SAE", "TrainOutput", "load_sae", "read_cfg", "FORMAT_VERSION", "fvu", "stats_output"]
+__all__ = ["SAEConfig", "SAE", "TrainOutput", "FORMAT_VERSION", "fvu", "stats_output"]

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelab.saes.base import SAE, InitDirs, SAEConfig, TrainOutput, stats_output

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import train_data as td
+from saelab.store.synthetic import make_synthetic_store
+from saelab.train import sources as td
 from saelab.cli import build_parser, main, rewrite_aliases
 from saelab.errors import UsageError
 from saelab.experiments import rkcnn_compare as rc
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    return td.make_synthetic_store(tmp_path_factory.mktemp("store") / "s", d_in=16, n_tokens=8192,
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "s", d_in=16, n_tokens=8192,
                                    chunk_tokens=512, seed=0, hook="model.layers.3.mlp")
 
 

@@ -1,39 +1,30 @@
-"""Where the training loop's tensors come from: the store, its splits, validation metrics.
+"""Where the training loop's tensors come from: a store and its splits, or a model streaming a corpus.
 
 Owns opening and checking the store for training (hook choice, --num-shards, --d-in), the train
-and validation batch streams, the initialisation sample, validation metrics of an SAE
-(`evaluate_sae`, `evaluate_checkpoint`) and a synthetic planted-feature store for `--quick-test`
-and tests. The loop itself is in train.py; the reader in store.py / store_batches.py.
+and validation batch streams and the initialisation sample. Validation metrics are in
+validation.py, the loop in loop.py, the reader in saelab.store.
 
 Splits (see store.py): chunk c is in val <=> u(seed, c) < val_fraction. Every stream here uses
 the run's seed and val_fraction, so the validation chunks are never trained on.
-
-Validation metrics (sums over the first eval_tokens of the val split, saelab.metrics equations):
-
-    val_loss = sum_b B_b * loss_b / sum_b B_b     (loss_b = training_loss with sparsity_scale 1)
-    val_mse, val_fvu, val_cosine, val_l0, val_dead_frac, val_dense_frac   from ReconSums/SparsitySums
-
-Synthetic store: x_n = sum_{j<A} m_nj dirs_FD[i_nj] + 0.01 eps,  i_nj ~ U{0..F-1},  m_nj ~ U[0.5, 1.5).
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from saelab.corpus import pack_sequences, resolve_corpus
 from saelab.errors import UsageError, did_you_mean
+from saelab.models import capture, load_model, resolve_hooks, tokenizer_info
+from saelab.store import load_store, unit_hash
 
 log = logging.getLogger(__name__)
 
 
 def open_store(data: str | None, num_shards: int | None = None):
     """The store at `data`, restricted to its first `num_shards` shards when given."""
-    from saelab.store import load_store
-
     if data is None:
         raise UsageError("no training data: pass --data STORE (from `saelab collect`), --model M "
                          "--corpus C to stream, or --quick-test for a synthetic run.")
@@ -114,105 +105,6 @@ def val_batches(store, hook: str, cfg, rank: int = 0, world: int = 1):
         i += 1
 
 
-@torch.no_grad()
-def evaluate_sae(sae, batches, device: torch.device, world: int = 1) -> dict[str, float]:
-    """Validation metrics of `sae` over `batches` (iterable of x_BD); see the module docstring.
-    Under DDP each rank passes its own batches; the sums are all-reduced."""
-    from saelab.metrics import (add_recon, add_sparsity, recon_sums, reconstruction_metrics,
-                                sparsity_metrics, sparsity_sums)
-
-    was_training = sae.training
-    sae.eval()
-    rs = ss = None
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    try:
-        for x_BD in batches:
-            x_BD = x_BD.to(device)
-            x_hat_BD, f_BF = sae(x_BD)
-            loss_sum += float(sae.training_loss(x_BD, sparsity_scale=1.0).loss) * x_BD.shape[0]
-            rs = add_recon(rs, recon_sums(x_BD.cpu(), x_hat_BD.float().cpu()))
-            ss = add_sparsity(ss, sparsity_sums(f_BF.cpu()))
-    finally:
-        sae.train(was_training)
-    if world > 1:
-        rs, ss, loss_sum = _all_reduce_sums(rs, ss, loss_sum, sae.cfg.d_in, sae.cfg.d_sae)
-    if rs is None or rs.n == 0:
-        raise UsageError("the validation split is empty: raise --val-fraction or use a larger store.")
-    rec, sp = reconstruction_metrics(rs), sparsity_metrics(ss)
-    return {"val_loss": float(loss_sum) / rs.n, "val_mse": rec.mse, "val_fvu": rec.fvu,
-            "val_cosine": rec.cosine, "val_l0": sp.l0, "val_dead_frac": sp.dead_frac,
-            "val_dense_frac": sp.dense_frac}
-
-
-def _all_reduce_sums(rs, ss, loss_sum, d_in: int, d_sae: int):
-    from saelab.metrics import ReconSums, SparsitySums
-
-    z = torch.zeros((), dtype=torch.float64)
-    if rs is None:  # this rank got no val batch
-        rs = ReconSums(0, torch.zeros(d_in, dtype=torch.float64), z, z, z, z)
-        ss = SparsitySums(0, torch.zeros(d_sae, dtype=torch.int64), torch.zeros(d_sae + 1, dtype=torch.int64))
-    n = torch.tensor(float(rs.n), dtype=torch.float64)
-    parts = [n, loss_sum.clone(), *(t.clone() for t in rs[1:]), ss.fired_F.clone(), ss.l0_hist.clone()]
-    for t in parts:
-        dist.all_reduce(t)
-    n_all = int(parts[0])
-    return (ReconSums(n_all, *parts[2:7]), SparsitySums(n_all, parts[7], parts[8]), parts[1])
-
-
-def evaluate_checkpoint(path: str | Path, data: str | None = None, hook: str | None = None,
-                        batch_size: int = 4096, eval_tokens: int = 262_144,
-                        device: str = "cpu") -> dict[str, float]:
-    """Load a saved SAE and measure it on the validation split it was trained with (or of `data`)."""
-    from types import SimpleNamespace
-
-    from saelab.saes import load_sae
-
-    sae = load_sae(path, device=device)
-    train_cfg = (sae.metadata or {}).get("training") or {}
-    data = data or sae.metadata.get("store") or train_cfg.get("data")
-    if data is None:
-        raise UsageError(f"{path} does not record its store; pass --data STORE.")
-    store = open_store(data)
-    hook, _ = resolve_hook(store, hook or sae.metadata.get("hook"), None)
-    cfg = SimpleNamespace(batch_size=batch_size, eval_tokens=eval_tokens, seed=train_cfg.get("seed", 0),
-                          val_fraction=train_cfg.get("val_fraction", 0.05),
-                          shuffle_chunks=train_cfg.get("shuffle_chunks", 8))
-    return evaluate_sae(sae, val_batches(store, hook, cfg), torch.device(device))
-
-
-def make_synthetic_store(root: str | Path, d_in: int = 32, n_tokens: int = 32_768, chunk_tokens: int = 2048,
-                         n_features: int | None = None, active: int = 4, num_shards: int = 1,
-                         seed: int = 0, hook: str = "model.layers.0") -> Path:
-    """A store of planted sparse features (module docstring), `n_features` default 4 * d_in.
-    For tests and --quick-test; no model involved. Chunks are generated one at a time."""
-    from saelab.store import ShardWriter
-
-    root = Path(root)
-    g = torch.Generator().manual_seed(seed)
-    n_features = n_features or 4 * d_in
-    dirs_FD = torch.randn(n_features, d_in, generator=g)
-    dirs_FD /= dirs_FD.norm(dim=-1, keepdim=True)
-    meta = {"model": {"spec": "synthetic", "name": "synthetic", "sha256": "0" * 64, "architecture": "none",
-                      "num_layers": 1, "d_model": d_in},
-            "hooks": [{"name": hook, "width": d_in}], "tokenizer": {"name": "none", "vocab_size": 1},
-            "corpus": {"spec": "synthetic", "fingerprint": f"planted-{seed}"}, "max_length": chunk_tokens,
-            "keep_special": False, "batch_size": 1, "chunk_tokens": chunk_tokens, "tokens_target": n_tokens}
-    n_chunks = max(1, n_tokens // chunk_tokens)
-    writers = [ShardWriter.open(root, meta, s, num_shards) for s in range(num_shards)]
-    for c in range(n_chunks):
-        idx_NA = torch.randint(0, n_features, (chunk_tokens, active), generator=g)
-        mag_NA = 0.5 + torch.rand(chunk_tokens, active, generator=g)
-        x_ND = (mag_NA[..., None] * dirs_FD[idx_NA]).sum(1) + 0.01 * torch.randn(chunk_tokens, d_in, generator=g)
-        seqpos_N2 = torch.stack([torch.full((chunk_tokens,), c, dtype=torch.int32),
-                                 torch.arange(chunk_tokens, dtype=torch.int32)], 1)
-        w = writers[c % num_shards]
-        w.write_chunk(torch.zeros(chunk_tokens, dtype=torch.int32).numpy(), seqpos_N2.numpy(),
-                      {hook: x_ND.numpy()}, sequences_done=w.sequences_done + 1, batches_done=w.batches_done + 1)
-    for w in writers:
-        w.finish()
-    return root
-
-
 # ---------------------------------------------------------------------------------------------------
 # Data sources: what the loop reads (a store, or a model streaming over a corpus)
 
@@ -252,9 +144,6 @@ class StreamSource:
     """
 
     def __init__(self, cfg):
-        from saelab.corpus import resolve_corpus
-        from saelab.models import capture, load_model, resolve_hooks, tokenizer_info
-
         if cfg.hook is None:
             raise UsageError("streaming from --model needs a hook point: pass --hook NAME or --layer N "
                              "(see `saelab hooks --model M`).")
@@ -276,15 +165,11 @@ class StreamSource:
                      "hooks": [{"name": self.hook, "width": self.d_in}]}
 
     def _sequences(self, cfg, split: str, rank: int, world: int):
-        from saelab.corpus import pack_sequences
-
-        from saelab.store import _unit_hash  # the store's split rule, per sequence
-
         t = self.tok
         n = 0
         for seq in pack_sequences(self.corpus.documents(), self.lm.tokenizer, cfg.max_length, t["bos_id"],
                                   t["eos_id"], t["pad_id"]):
-            in_val = _unit_hash(f"{cfg.seed}:seq:{seq.index}") < cfg.val_fraction
+            in_val = unit_hash(f"{cfg.seed}:seq:{seq.index}") < cfg.val_fraction
             if in_val != (split == "val"):
                 continue
             if n % world == rank:
@@ -293,18 +178,16 @@ class StreamSource:
 
     def rows(self, cfg, split: str, rank: int = 0, world: int = 1):
         """Activations x_ND of consecutive forward passes (kept positions only), float32 on CPU."""
-        from saelab.models import capture
-
         group = []
         for seq in self._sequences(cfg, split, rank, world):
             group.append(seq)
             if len(group) == FORWARD_SEQS:
-                yield self._forward(capture, group)
+                yield self._forward(group)
                 group = []
         if group:
-            yield self._forward(capture, group)
+            yield self._forward(group)
 
-    def _forward(self, capture, group) -> torch.Tensor:
+    def _forward(self, group) -> torch.Tensor:
         ids = torch.tensor(np.stack([s.input_ids for s in group]), dtype=torch.long, device=self.device)
         mask = torch.tensor(np.stack([s.attention_mask for s in group]), device=self.device)
         keep = torch.from_numpy(np.stack([s.keep_mask for s in group]))

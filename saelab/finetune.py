@@ -1,33 +1,22 @@
-"""LoRA adapter SAEs: fine-tune a small LoRA to study, and map SAE features back onto its adapters.
+"""Fine-tune a small LoRA adapter to study: `finetune(FinetuneConfig) -> FinetuneResult`.
 
-Owns:
-  * `finetune(FinetuneConfig)`: train a peft LoRA (rank r on the chosen adapter types of every layer)
-    with the causal-LM loss on packed sequences of a corpus, on CPU; save it in peft format
-    (adapter_config.json + adapter_model.safetensors) with `training.json` (config, loss curve) and
-    `loss.png`. For each step, on a batch of packed sequences (labels = inputs, padding ignored):
+Trains a peft LoRA (rank r on the chosen adapter types of every layer) with the causal-LM loss on
+packed sequences of a corpus, on CPU, and saves it in peft format (adapter_config.json +
+adapter_model.safetensors) with `training.json` (config, loss curve) and `loss.png`. For each step,
+on a batch of packed sequences (labels = inputs, padding ignored):
 
-        loss = mean over real targets t of  -log p(x_{t+1} | x_{<=t})     with  W' = W + (alpha / r) B A
-        A ~ peft's default (Kaiming-uniform), B = 0 at the start, so step 0 is the base model exactly
+    loss = mean over real targets t of  -log p(x_{t+1} | x_{<=t})     with  W' = W + (alpha / r) B A
+    A ~ peft's default (Kaiming-uniform), B = 0 at the start, so step 0 is the base model exactly
 
-  * `adapter_heatmap(W_dec_FD, slices)`: where a LoRA SAE's features live. For a store collected at
-    `lora:TYPES` (see saelab.models.lora for the slice map), feature f's decoder row restricted to the
-    coordinates of adapter (l, t):
-
-        H_FLT[f, l, t] = || W_dec_FD[f, start_{l,t} : stop_{l,t}] ||_2          (NaN where no adapter)
-
-    fast path: one matmul with the 0/1 coordinate -> slice matrix M_DS,  H_FS = sqrt(W_dec_FD**2 @ M_DS);
-    reference path: a loop over slices (`adapter_heatmap_reference`); tests compare them.
-  * `lora_panels(...)`: those matrices as dashboard heatmap panels (rows = layers, cols = types).
-
-Leaves out: the hook itself (saelab.models.lora), SAE training (saelab.train), rendering (interpret/).
-Shapes: F features, D store width, S slices, L layers, T adapter types, B batch, N sequences.
+Leaves out: the LoRA hook itself (saelab.models.lora), SAE training (saelab.train), where SAE
+features live across adapters (saelab.interpret.adapters).
+Shapes: B batch, S sequence, N sequences.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -37,22 +26,13 @@ from typing import NamedTuple
 
 import torch
 
+from saelab.config import to_dict
+from saelab.corpus import pack_sequences, resolve_corpus
 from saelab.errors import UsageError
-from saelab.models.lora import LORA_TYPES, LoraSlice, slices_from_json
+from saelab.models import layers_of, load_model, tokenizer_info
+from saelab.models.lora import LORA_TYPES
 
 log = logging.getLogger(__name__)
-
-# Where LoRA SAE work usually starts (the issue "LoRA adapter SAEs"): a store of a lora: hook is small
-# (e.g. 210 wide), so a wide dictionary and a smaller batch are cheap. d_in always comes from the store.
-LORA_SAE_DEFAULTS = {"architecture": "batchtopk", "expansion_factor": [16], "k": [50], "batch_size": 1024}
-
-
-def lora_train_defaults(store_meta: dict, hook: str) -> dict:
-    """LORA_SAE_DEFAULTS when `hook` is a LoRA hook of this store (store.json has its slice map), else {}.
-
-    The training loop applies them to the fields the user did not set (flags and YAML win).
-    """
-    return dict(LORA_SAE_DEFAULTS) if (store_meta.get("slices") or {}).get(hook) else {}
 
 
 @dataclass
@@ -152,8 +132,6 @@ def _mean_loss(model, seqs, batch_size: int) -> float:
 
 
 def _check_targets(model, targets: list[str], spec: str) -> None:
-    from saelab.models import layers_of
-
     layer0 = dict(layers_of(model)[0].named_modules())
     missing = [t for t in targets if LORA_TYPES[t] not in layer0]
     if missing:
@@ -170,10 +148,6 @@ def finetune(cfg: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
     """
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
-
-    from saelab.config import to_dict
-    from saelab.corpus import pack_sequences, resolve_corpus
-    from saelab.models import load_model, tokenizer_info
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
@@ -260,92 +234,3 @@ def save_loss_plot(path: str | Path, losses: list[float], before: float, after: 
     fig.tight_layout()
     fig.savefig(path, format="png")
     return Path(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Where SAE features live: decoder norms per (layer, adapter type)
-
-
-class AdapterMap(NamedTuple):
-    """Decoder norms of features over layer x adapter type."""
-
-    values_FLT: torch.Tensor
-    """H[f, l, t] = ||W_dec_FD[f, slice(l, t)]||_2; NaN where layer l has no adapter of type t."""
-    layers: list[int]
-    """Layer index of each row L."""
-    types: list[str]
-    """Adapter type of each column T (canonical order)."""
-
-
-def _as_slices(slices) -> list[LoraSlice]:
-    return [s if isinstance(s, LoraSlice) else slices_from_json([s])[0] for s in slices]
-
-
-def _grid(sl: list[LoraSlice]) -> tuple[list[int], list[str]]:
-    layers = sorted({s.layer for s in sl})
-    types = [t for t in LORA_TYPES if any(s.type == t for s in sl)]
-    return layers, types
-
-
-def _check_width(W_dec_FD: torch.Tensor, sl: list[LoraSlice]) -> None:
-    width = max((s.stop for s in sl), default=0)
-    if W_dec_FD.shape[1] != width:
-        raise UsageError(f"the SAE decodes to width {W_dec_FD.shape[1]}, but the store's LoRA slice map covers "
-                         f"{width} coordinates: the SAE was not trained on this LoRA hook.")
-
-
-@torch.no_grad()
-def adapter_heatmap(W_dec_FD: torch.Tensor, slices) -> AdapterMap:
-    """Fast path: H_FS = sqrt(W_dec_FD**2 @ M_DS), M_DS[d, s] = 1 if coordinate d is in slice s."""
-    sl = _as_slices(slices)
-    _check_width(W_dec_FD, sl)
-    layers, types = _grid(sl)
-    D = W_dec_FD.shape[1]
-    coord_D = torch.full((D,), -1, dtype=torch.long)
-    for i, s in enumerate(sl):
-        coord_D[s.start:s.stop] = i
-    assert (coord_D >= 0).all(), "LoRA slice map leaves coordinates uncovered: a corrupt store.json?"
-    M_DS = torch.zeros(D, len(sl), dtype=torch.float32)
-    M_DS[torch.arange(D), coord_D] = 1.0
-    H_FS = (W_dec_FD.float().square() @ M_DS).sqrt()
-    li = {l: i for i, l in enumerate(layers)}
-    ti = {t: i for i, t in enumerate(types)}
-    cell_S = torch.tensor([li[s.layer] * len(types) + ti[s.type] for s in sl], dtype=torch.long)
-    F_ = W_dec_FD.shape[0]
-    H = torch.full((F_, len(layers) * len(types)), float("nan"))
-    H[:, cell_S] = H_FS
-    return AdapterMap(H.view(F_, len(layers), len(types)), layers, types)
-
-
-@torch.no_grad()
-def adapter_heatmap_reference(W_dec_FD: torch.Tensor, slices) -> AdapterMap:
-    """Reference path: one norm per (feature, slice), in plain loops."""
-    sl = _as_slices(slices)
-    _check_width(W_dec_FD, sl)
-    layers, types = _grid(sl)
-    H = torch.full((W_dec_FD.shape[0], len(layers), len(types)), float("nan"))
-    for s in sl:
-        for f in range(W_dec_FD.shape[0]):
-            H[f, layers.index(s.layer), types.index(s.type)] = torch.linalg.vector_norm(W_dec_FD[f, s.start:s.stop].float())
-    return AdapterMap(H, layers, types)
-
-
-def store_slices(store_meta: dict, hook: str) -> list[LoraSlice] | None:
-    """The LoRA slice map of `hook` in a store's store.json, or None for an ordinary hook."""
-    entries = (store_meta.get("slices") or {}).get(hook)
-    return slices_from_json(entries) if entries else None
-
-
-def lora_panels(W_dec_FD: torch.Tensor, slices, feature_ids: list[int]) -> dict[int, list]:
-    """feature -> [HeatmapPanel of its decoder norms over layer x adapter type] for the dashboard."""
-    from saelab.interpret.dashboard import HeatmapPanel
-
-    ids = list(feature_ids)
-    amap = adapter_heatmap(W_dec_FD[ids], slices)
-    rows = [f"L{l}" for l in amap.layers]
-    out = {}
-    for i, f in enumerate(ids):
-        vals = [[None if math.isnan(v) else v for v in row] for row in amap.values_FLT[i].tolist()]
-        out[f] = [HeatmapPanel(title="decoder norm by layer × adapter (where the feature lives)",
-                               rows=rows, cols=list(amap.types), values=vals)]
-    return out

@@ -1,10 +1,8 @@
-"""The activation store's public face: the memory-mapped reader, plus the writer and format names.
+"""The activation store's reader: checked memory-mapped reads, the train/val split, batches.
 
 `load_store(path) -> ActivationStore` is what training, evaluation and interpretation use:
 metadata, the list of complete chunks, checked memory-mapped reads, a train/val split by chunk, a
-subset of shards, and shuffled batches (`batches`, implemented in store_batches.py). The writer
-(`ShardWriter`, store_writer.py) and the format names (`hook_key`, `FORMAT_VERSION`, ...,
-store_format.py) are re-exported here so callers import one module.
+subset of shards, and shuffled batches (`batches`, implemented in batches.py).
 
 Only chunks listed in a shard manifest exist for the reader, so a chunk being written is invisible.
 Every file read is checked against its manifest entry: size always, sha256 once per file per
@@ -33,11 +31,10 @@ from typing import Literal
 import numpy as np
 
 from saelab.errors import UsageError, did_you_mean
-from saelab.store_format import (  # noqa: F401 - re-exported
-    FORMAT_VERSION, FP16_MAX, IDENTITY_FIELDS, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
-    chunk_file_name, hook_key, read_json, sha256_file, shard_dir_name,
+from saelab.store.format import (
+    FORMAT_VERSION, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, read_json, sha256_file,
+    shard_dir_name,
 )
-from saelab.store_writer import ChunkBuilder, ShardWriter, to_fp16  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +123,7 @@ class ActivationStore:
         """(train, val) chunks: a deterministic split by chunk (see the module docstring)."""
         if not 0.0 <= val_fraction < 1.0:
             raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-        u = {c: _unit_hash(f"{seed}:{c.shard}:{c.index}") for c in self.chunks}
+        u = {c: unit_hash(f"{seed}:{c.shard}:{c.index}") for c in self.chunks}
         val = {c for c in self.chunks if u[c] < val_fraction}
         if len(self.chunks) >= 2 and val_fraction > 0:
             if not val:
@@ -158,8 +155,8 @@ class ActivationStore:
     def batches(self, hook: str, batch_size: int, split: Split = "train", seed: int = 0, shuffle_chunks: int = 4,
                 epochs: int | None = 1, drop_last: bool = True, shards: list[int] | None = None, rank: int = 0,
                 world_size: int = 1, val_fraction: float = 0.05, shuffle: bool = True):
-        """Shuffled float32 batches [B, D] of one hook; see `saelab.store_batches.BatchIterator`."""
-        from saelab.store_batches import BatchIterator
+        """Shuffled float32 batches [B, D] of one hook; see `saelab.store.batches.BatchIterator`."""
+        from saelab.store.batches import BatchIterator
 
         store = self.subset(shards)
         return BatchIterator(store, hook, batch_size, store.select(split, val_fraction, seed), seed=seed,
@@ -167,7 +164,7 @@ class ActivationStore:
                              world_size=world_size, shuffle=shuffle)
 
 
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
     return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2.0**64
 
 

@@ -53,11 +53,11 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Path]:
                                eval_every=50, checkpoint_every=100, device="cpu"), quiet=quiet)
     outputs["sae"] = Path(result.best_dir)
 
-    from saelab.evaluate import evaluate
+    from saelab.evaluate import EvalConfig, evaluate
 
     log.info("[3/4] evaluate: reconstruction, sparsity and the downstream loss with the SAE spliced in")
-    evaluate([result.best_dir], store, split="val", model="default", corpus=cfg.corpus, eval_tokens=4096,
-             out=out / "eval", quiet=quiet)
+    evaluate(EvalConfig(sae=[str(result.best_dir)], data=str(store), split="val", model="default",
+                        corpus=cfg.corpus, eval_tokens=4096, out=str(out / "eval")), quiet=quiet)
     outputs["evaluation"] = out / "eval" / "eval.md"
 
     from saelab.interpret import check_pair, load_or_compute_stats

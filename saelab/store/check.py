@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from saelab.store_format import (
+from saelab.store.format import (
     MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, read_json, sha256_file, shard_dir_name, shard_target,
 )
 from saelab.errors import UsageError
-from saelab.store_writer import shard_is_locked
+from saelab.store.writer import shard_is_locked
 
 _BLOCK_ROWS = 1 << 16
 _SHARD_RE = re.compile(r"^shard_(\d{5})$")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from saelab.errors import UsageError
-from saelab.store_format import (
+from saelab.store.format import (
     FORMAT_VERSION, LOCK_FILE, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
     FP16_MAX, check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header, os_error_to_usage,
     read_json, sha256_file, shard_dir_name, write_bytes_atomic,

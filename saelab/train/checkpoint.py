@@ -1,6 +1,7 @@
 """Resumable training checkpoints: optimizer state as safetensors, trainer state as JSON, atomic dirs.
 
-Owns the on-disk form of everything `train.py` needs to continue a killed run bit-for-bit, and the
+Owns `RunState` (one SAE of a sweep with its optimizer, dead-latent counters and best
+validation loss) and the on-disk form of everything the training loop needs to continue a killed run bit-for-bit, and the
 atomic-directory discipline (write `step_000500.tmp/`, fsync, `os.replace` to `step_000500/`;
 the helpers live in saelab/atomic.py, shared with `SAE.save`).
 It knows no SAE architecture and no store: it moves tensors, dicts and directories.
@@ -30,9 +31,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from saelab.atomic import commit_dir, fresh_tmp
 from saelab.config import to_dict
 from saelab.errors import UsageError, raise_all
+from saelab.train.schedule import DeadTracker
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,28 @@ STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE_VERSION = 1
 RESUME_FREE = ("resume", "quick_test", "wandb", "log_every", "num_workers", "device")
 """TrainConfig fields that may differ between a run and its resumption."""
+
+
+@dataclass
+class RunState:
+    """One SAE of a training sweep and everything a checkpoint must keep to continue it exactly."""
+
+    name: str
+    """Run name, e.g. topk_k32_x8."""
+    sae: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dead: DeadTracker
+    """Steps since each latent last fired."""
+    run_dir: Path
+    """Where sae_best/, final/ and metrics go: OUT for a single SAE, OUT/<name> in a sweep."""
+    rel: str
+    """Its place inside a step checkpoint: '.' for a single SAE, else its name."""
+    sink: Any = None
+    """Its metric sink (saelab.train.sinks)."""
+    best_val: float = math.inf
+    """Lowest validation loss so far (that of sae_best/)."""
+    last_val: dict = field(default_factory=dict)
+    """The most recent validation metrics."""
 
 
 def step_dir_name(step: int) -> str:
@@ -193,10 +219,10 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Whole-sweep training checkpoints (runs: train._Run objects: name, sae, optimizer, dead, rel, best_val, last_val)
+# Whole-sweep training checkpoints
 
 
-def save_sae(run, directory: Path, cfg, src, step: int, metrics: dict) -> None:
+def save_sae(run: RunState, directory: Path, cfg, src, step: int, metrics: dict) -> None:
     meta = {"training": to_dict(cfg), "hook": src.hook, "model": src.meta.get("model"),
             "store": src.path, "step": step, "metrics": metrics, "run": run.name}
     mined_F = getattr(run.sae, "init_from_dirs_F", None)
@@ -219,7 +245,7 @@ def gather_json(obj: Any, world: int) -> list[Any]:
     return [json.loads(bytes(f[: int(n)].tolist()).decode()) for f, n in zip(full, sizes)]
 
 
-def write_training_checkpoint(out: Path, runs: list, step: int, tokens: int, data_states: list[dict],
+def write_training_checkpoint(out: Path, runs: list[RunState], step: int, tokens: int, data_states: list[dict],
                       cfg, src) -> Path:
     final = out / step_dir_name(step)
     tmp = fresh_tmp(final)
@@ -248,7 +274,7 @@ def write_training_checkpoint(out: Path, runs: list, step: int, tokens: int, dat
     return final
 
 
-def restore_training_checkpoint(ckpt: Path, runs: list, data_it, cfg, rank: int, world: int) -> tuple[int, int]:
+def restore_training_checkpoint(ckpt: Path, runs: list[RunState], data_it, cfg, rank: int, world: int) -> tuple[int, int]:
     """Load weights, optimizer, dead counters, best val, data position and RNG; returns (step, tokens)."""
     state = read_trainer_state(ckpt)
     old = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}

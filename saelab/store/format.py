@@ -18,7 +18,6 @@ NPY_HEADER_BYTES long, so the writer can fix the row count in place once a chunk
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from saelab.atomic import sha256_file  # noqa: F401 - part of the store's format helpers
 from saelab.errors import UsageError
 
 
@@ -46,7 +46,6 @@ IDENTITY_FIELDS = (
     "chunk_tokens",
 )
 NPY_HEADER_BYTES = 128  # fixed, so a chunk's header can be rewritten in place once N is known
-HASH_BLOCK = 8 << 20
 
 
 def hook_key(name: str) -> str:
@@ -126,14 +125,6 @@ def read_json(path: Path, what: str) -> dict:
         raise UsageError(f"{what} {path} does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{what} {path} is not valid JSON ({e}); the file is damaged.") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:

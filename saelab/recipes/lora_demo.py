@@ -6,7 +6,7 @@ Steps (each one the library call the matching CLI command makes):
     3. train          a BatchTopK SAE with the LoRA defaults (LORA_SAE_DEFAULTS: expansion 16, k 50,
                       batch 1024) on that store
     4. dashboard      examples with context for every feature, beside a heatmap of its decoder norms
-                      over layer x adapter type (saelab.lora.lora_panels)
+                      over layer x adapter type (saelab.interpret.adapters.lora_panels)
 Each step is skipped when its output is already complete, so a re-run only finishes what is missing.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ def run_lora_demo(out: str | Path = "runs/demo-lora", quiet: bool = False, steps
                   tokens: int = 20_000, train_tokens: int = 300_000) -> dict[str, Path]:
     """finetune -> collect -> train -> dashboard under `out`; returns {name: path} of the outputs."""
     from saelab.collect import CollectConfig, collect
-    from saelab.lora import LORA_SAE_DEFAULTS, FinetuneConfig, finetune
+    from saelab.finetune import FinetuneConfig, finetune
+    from saelab.train.config import LORA_SAE_DEFAULTS
     from saelab.train import TrainConfig, train
 
     out = Path(out)

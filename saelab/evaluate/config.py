@@ -1,0 +1,56 @@
+"""Options of `saelab evaluate` (field = flag = YAML key), checked all at once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from saelab.errors import raise_all
+
+MIN_TOKENS = 2
+"""Fewest tokens an evaluation accepts (a variance needs two)."""
+
+
+@dataclass
+class EvalConfig:
+    """Options of `saelab evaluate` (field = flag = YAML key)."""
+
+    sae: list[str] = field(default_factory=list)
+    """SAE directories to evaluate (e.g. runs/NAME/sae_best); positional on the command line."""
+    data: str = ""
+    """Activation store to measure reconstruction and sparsity on."""
+    split: Literal["val", "train", "all"] = "val"
+    """Store split (val: the chunks each SAE's training held out, by its val_fraction and seed)."""
+    tokens: int | None = None
+    """Tokens to evaluate per hook point (default: the whole split)."""
+    batch_size: int = 4096
+    """Tokens per batch read from the store."""
+    out: str | None = None
+    """Directory for eval.json, eval.md and the PNGs (default: no files)."""
+    model: str | None = None
+    """Language model for the downstream loss (same as the store's; needs --corpus)."""
+    adapter: str | None = None
+    """peft LoRA adapter directory to load on top of --model (the store's, for a store collected with one)."""
+    corpus: str | None = None
+    """Text to measure the downstream loss on (best held out from training; needs --model)."""
+    eval_tokens: int = 8192
+    """Token predictions to average the downstream loss over."""
+    seq_batch: int = 4
+    """Sequences per forward pass in the downstream evaluation."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.split not in ("val", "train", "all"):
+            problems.append(f"split must be val, train or all, got {self.split!r}")
+        for name in ("batch_size", "eval_tokens", "seq_batch"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.tokens is not None and self.tokens < MIN_TOKENS:
+            problems.append(f"tokens must be >= {MIN_TOKENS}, got {self.tokens}")
+        if self.adapter is not None and self.model is None:
+            problems.append("--adapter is loaded on top of --model; pass --model (and --corpus) too")
+        if (self.model is None) != (self.corpus is None):
+            problems.append("the downstream loss needs both --model and --corpus (got only "
+                            f"--{'model' if self.model else 'corpus'})")
+        raise_all(problems, "invalid evaluate options")

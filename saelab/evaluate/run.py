@@ -1,0 +1,218 @@
+"""`evaluate(cfg)`: the whole evaluation of one or more SAEs, and its checks.
+
+Checks each SAE against the store (and the model), runs the reconstruction pass per hook and
+split (reconstruction.py), the downstream pass when a model and a corpus are given
+(downstream.py), and writes eval.json, eval.md and PNGs (report.py). It computes no metric itself.
+
+    ce_recovered      = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+    ce_recovered_mean = (CE_mean - CE_sae) / (CE_mean - CE_clean)
+
+Deliberately left out: the choice of evaluation text (pass a held-out corpus), sampling-based metrics.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from saelab import metrics as M
+from saelab.corpus import pack_sequences, resolve_corpus
+from saelab.errors import UsageError, raise_all
+from saelab.evaluate.config import EvalConfig
+from saelab.evaluate.downstream import downstream
+from saelab.evaluate.reconstruction import EvalResult, _split_of, accumulate, store_batches, summarise
+from saelab.evaluate.report import write_outputs
+from saelab.models import load_model
+from saelab.saes import load_sae
+from saelab.store import load_store
+
+log = logging.getLogger(__name__)
+
+
+def _names(paths: Sequence[str]) -> list[str]:
+    names = [Path(p).name or str(p) for p in paths]
+    for i, p in enumerate(paths):
+        if names.count(names[i]) > 1:
+            names[i] = "/".join(Path(p).parts[-2:])
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def _sha(info: dict | None) -> str | None:
+    return (info or {}).get("sha256")
+
+
+def _describe(info: dict | None) -> str:
+    info = info or {}
+    sha = str(info.get("sha256") or "?")
+    return f"{info.get('name') or info.get('spec') or '?'} (sha256 {sha[:12]})"
+
+
+def _hook_of(sae, name: str, store_hooks: dict[str, int]) -> str | None:
+    hook = (getattr(sae, "metadata", None) or {}).get("hook")
+    if hook is None and len(store_hooks) == 1:
+        hook = next(iter(store_hooks))
+        log.warning("%s has no hook in its metadata; assuming the store's only hook %r", name, hook)
+    return hook
+
+
+def check_compatible(saes: Sequence, names: Sequence[str], store_meta: dict, store_path: str,
+                     model_info: dict | None = None) -> list[str]:
+    """Hooks of the SAEs, after checking each SAE against the store (and the model, when given).
+
+    Raises:
+        UsageError: one message listing every mismatch, naming both sides.
+    """
+    store_hooks = {h["name"]: int(h["width"]) for h in store_meta.get("hooks", [])}
+    store_model = store_meta.get("model")
+    problems, hooks = [], []
+    for sae, name in zip(saes, names):
+        hook = _hook_of(sae, name, store_hooks)
+        hooks.append(hook)
+        d_in = int(sae.W_dec_FD.shape[1])
+        if hook is None:
+            problems.append(f"{name} records no hook point in its metadata.json and the store holds "
+                            f"several ({', '.join(store_hooks)}); re-save it with metadata {{'hook': NAME}}")
+        elif hook not in store_hooks:
+            problems.append(f"{name} was trained on hook {hook!r}, but store {store_path} holds "
+                            f"{', '.join(map(repr, store_hooks))}; evaluate it on a store of that hook")
+        elif store_hooks[hook] != d_in:
+            problems.append(f"{name} has d_in {d_in}, but hook {hook!r} of store {store_path} has width "
+                            f"{store_hooks[hook]}")
+        sae_model = (getattr(sae, "metadata", None) or {}).get("model")
+        if _sha(sae_model) and _sha(store_model) and _sha(sae_model) != _sha(store_model):
+            problems.append(f"{name} was trained on activations of model {_describe(sae_model)}, but store "
+                            f"{store_path} was collected from {_describe(store_model)}")
+        if model_info is not None and _sha(sae_model) and _sha(sae_model) != _sha(model_info):
+            problems.append(f"{name} was trained on activations of model {_describe(sae_model)}, but --model "
+                            f"is {_describe(model_info)}; pass the model the SAE was trained on")
+    if model_info is not None and _sha(store_model) and _sha(store_model) != _sha(model_info):
+        problems.append(f"store {store_path} was collected from model {_describe(store_model)}, but --model "
+                        f"is {_describe(model_info)}")
+    store_ad, model_ad = store_meta.get("adapter"), (model_info or {}).get("adapter")
+    if model_info is not None and _sha(store_ad) != _sha(model_ad):
+        problems.append(f"store {store_path} was collected with adapter {(store_ad or {}).get('path', 'none')}, but "
+                        f"the model has {'adapter ' + str(model_ad.get('path')) if model_ad else 'none'}; pass the "
+                        f"store's adapter with --adapter{' ' + str(store_ad.get('path')) if store_ad else ''}"
+                        f"{'' if store_ad else ' (none: drop --adapter)'}")
+    raise_all_problems(problems)
+    return hooks  # type: ignore[return-value]
+
+
+def raise_all_problems(problems: list[str]) -> None:
+    raise_all(problems, "these SAEs do not match the data they are evaluated on")
+
+
+def _load_saes(saes: Sequence, device: str) -> tuple[list, list[str], list[str]]:
+    objs, paths = [], []
+    for s in saes:
+        if isinstance(s, (str, Path)):
+            objs.append(load_sae(s, device=device))
+            paths.append(str(s))
+        else:
+            objs.append(s.to(device).eval())
+            paths.append("")
+    names = _names([p or f"sae{i}" for i, p in enumerate(paths)])
+    return objs, paths, names
+
+
+def evaluate_saes(saes: Sequence, store, split: str = "val", tokens: int | None = None, batch_size: int = 4096,
+             model=None, corpus=None, eval_tokens: int = 8192, seq_batch: int = 4, out: str | Path | None = None,
+             device: str = "cpu", quiet: bool = False, adapter: str | Path | None = None) -> list[EvalResult]:
+    """Evaluate SAEs (directories or objects) on a store and, with a model and corpus, on the model's
+    next-token loss. `evaluate(cfg)` is the same from an EvalConfig.
+
+    Args:
+        saes: SAE directories (or SAE objects).
+        store: store directory or an opened store (`saelab.load_store`).
+        split: val, train or all.
+        tokens: tokens per hook point (None: the whole split).
+        model: a model spec for `load_model`, or a LoadedModel; None skips the downstream loss.
+        adapter: peft LoRA adapter directory loaded on top of a model spec (`load_model(adapter=)`).
+        corpus: a corpus spec for `resolve_corpus`, or an object with `.documents()`.
+        out: write eval.json, eval.md and PNGs here.
+    Returns:
+        One EvalResult per SAE, in the order given.
+    Raises:
+        UsageError: SAEs that do not match the store or model, a split too small to evaluate.
+    """
+    EvalConfig(split=split, tokens=tokens, batch_size=batch_size, eval_tokens=eval_tokens, seq_batch=seq_batch,
+               model="m" if model is not None else None, corpus="c" if corpus is not None else None)
+    if not saes:
+        raise UsageError("no SAE to evaluate: pass one or more SAE directories.")
+    st = _open_store(store)
+    store_path = str(getattr(st, "root", getattr(st, "path", store)))
+    objs, paths, names = _load_saes(saes, device)
+    loaded = None
+    if model is not None:
+        loaded = _load_model(model, device, quiet, adapter)
+    hooks = check_compatible(objs, names, st.meta, store_path, loaded.info if loaded is not None else None)
+
+    # SAEs on the same hook and the same train/val split share one pass over the store.
+    groups: dict[tuple, list[int]] = {}
+    for i, h in enumerate(hooks):
+        groups.setdefault((h, *_split_of(objs[i], split)), []).append(i)
+    by_hook: dict[str, list[int]] = {}
+    results: list[EvalResult | None] = [None] * len(objs)
+    means: dict[str, torch.Tensor] = {}
+    for (hook, val_fraction, seed), idx in groups.items():
+        log.info("evaluating %d SAE(s) on %s, split %s", len(idx), hook, split)
+        batches = store_batches(st, hook, split, batch_size, val_fraction=val_fraction, seed=seed)
+        sums = accumulate([objs[i] for i in idx], batches, tokens, device=device, quiet=quiet,
+                          desc=f"evaluate {hook}")
+        for i, (recon, sparsity) in zip(idx, sums):
+            results[i] = summarise(names[i], paths[i], objs[i], hook, split, recon, sparsity)
+        by_hook.setdefault(hook, []).extend(idx)
+        means.setdefault(hook, M.mean_activation(sums[0][0]))
+
+    if loaded is not None:
+        seqs = _eval_sequences(corpus, loaded.tokenizer, st.meta)
+        d = downstream(loaded.model, seqs, {h: [objs[i] for i in idx] for h, idx in by_hook.items()}, means,
+                       max_tokens=eval_tokens, seq_batch=seq_batch, quiet=quiet)
+        for hook, idx in by_hook.items():
+            for i, (ce_sae, kl) in zip(idx, d["sae"][hook]):
+                r = results[i]
+                r.ce_clean, r.ce_sae, r.ce_zero, r.ce_mean = d["clean"], ce_sae, d["zero"][hook], d["mean"][hook]
+                r.ce_recovered = M.ce_loss_recovered(d["clean"], ce_sae, d["zero"][hook])
+                r.ce_recovered_mean = M.ce_loss_recovered(d["clean"], ce_sae, d["mean"][hook])
+                r.kl, r.downstream_tokens = kl, d["n"]
+    final = [r for r in results if r is not None]
+    if out is not None:
+        write_outputs(final, out, context={"store": store_path, "split": split,
+                                           "model": (loaded.info if loaded is not None else None),
+                                           "corpus": str(getattr(corpus, "name", corpus)) if corpus is not None else None})
+    return final
+
+
+def evaluate(cfg: EvalConfig, quiet: bool = False) -> list[EvalResult]:
+    """Evaluate the SAE directories `cfg.sae` as `cfg` says (the stage entry, as `train(cfg)`)."""
+    if not cfg.data:
+        raise UsageError("no store given: pass --data STORE (the activation store the SAEs were trained on).")
+    return evaluate_saes(cfg.sae, cfg.data, split=cfg.split, tokens=cfg.tokens, batch_size=cfg.batch_size,
+                         model=cfg.model, corpus=cfg.corpus, eval_tokens=cfg.eval_tokens, seq_batch=cfg.seq_batch,
+                         out=cfg.out, device=cfg.device, quiet=quiet, adapter=cfg.adapter)
+
+
+def _open_store(store):
+    if hasattr(store, "meta") and hasattr(store, "read_activations"):
+        return store
+    return load_store(store)
+
+
+def _load_model(model, device: str, quiet: bool, adapter=None):
+    if hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "info"):
+        if adapter is not None:
+            raise UsageError("evaluate: adapter= applies to a model spec; a LoadedModel is used as it is. "
+                             "Load it with load_model(spec, adapter=DIR) instead.")
+        return model
+    return load_model(str(model), device=device, quiet=quiet, adapter=None if adapter is None else str(adapter))
+
+
+def _eval_sequences(corpus, tokenizer, store_meta: dict) -> Iterator:
+    """Pack the corpus as the store was packed (max_length, special ids, keep_special)."""
+    c = resolve_corpus(corpus) if isinstance(corpus, (str, Path)) else corpus
+    tokz = store_meta.get("tokenizer", {})
+    return pack_sequences(c.documents(), tokenizer, int(store_meta.get("max_length", 256)),
+                          bos_id=tokz.get("bos_id"), eos_id=tokz.get("eos_id"), pad_id=tokz.get("pad_id"),
+                          keep_special=bool(store_meta.get("keep_special", False)))

@@ -1,0 +1,28 @@
+"""The activation store: sharded fp16 chunks of hook-point activations with a checksummed manifest.
+
+    STORE/store.json                 run manifest (model, hooks, tokenizer, corpus, packing rule)
+    STORE/shard_00000/manifest.json  one entry per complete chunk, sha256 per file
+    STORE/shard_00000/chunk_000000.{tokens,seqpos,<hook>}.npy
+
+Modules, one job each:
+  format.py   names, identity fields, atomic file writes, JSON and hash helpers (no state)
+  writer.py   `ShardWriter`: one process per shard, flock'd, resumable, atomic chunk commits
+  reader.py   `load_store(path) -> ActivationStore`: checked memory-mapped reads, the train/val split
+  batches.py  `BatchIterator`: shuffled, resumable float32 batches across chunks
+  check.py    `verify_store`, `monitor_snapshot` and their renderings
+
+Importing this package does not import torch (only `ActivationStore.batches` does).
+"""
+from saelab.store.format import (
+    FORMAT_VERSION, FP16_MAX, IDENTITY_FIELDS, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
+    chunk_file_name, hook_key, read_json, sha256_file, shard_dir_name,
+)
+from saelab.store.reader import ActivationStore, ChunkInfo, Split, check_file, load_store, unit_hash
+from saelab.store.writer import ChunkBuilder, ShardWriter, to_fp16
+
+__all__ = [
+    "FORMAT_VERSION", "FP16_MAX", "IDENTITY_FIELDS", "MANIFEST_JSON", "SEQPOS", "STORE_JSON", "TOKENS",
+    "ActivationStore", "ChunkBuilder", "ChunkEntry", "ChunkInfo", "ShardWriter", "Split", "check_file",
+    "chunk_file_name", "hook_key", "load_store", "read_json", "sha256_file", "shard_dir_name", "to_fp16",
+    "unit_hash",
+]
