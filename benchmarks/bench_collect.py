@@ -13,11 +13,9 @@ it must not grow with --tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 

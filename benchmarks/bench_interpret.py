@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saelab.interpret.data import feature_pass, iter_rows  # noqa: E402
+from saelab.interpret.data import feature_pass  # noqa: E402
+from saelab.store.batches import rows_in_order as iter_rows  # noqa: E402
 from saelab.interpret.stats import PassConfig, topk_reference_  # noqa: E402
 from saelab.saes import ReLUConfig, TopKConfig, make_sae  # noqa: E402
 from saelab.store import ShardWriter, load_store  # noqa: E402

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import subprocess
@@ -29,54 +30,46 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saelab import __version__
+from saelab.config import group, grouped, to_dict
+from saelab.corpus import CorpusConfig, batch_sequences, open_corpus, pack_corpus
 from saelab.errors import UsageError
+from saelab.models import ModelConfig, capture, layer_hook, load_model_from, resolve_hooks, tokenizer_info
+from saelab.models.lora import default_store_name, join_lora_specs, slices_json
+from saelab.store import ShardWriter, hook_key
+from saelab.store.check import verify_store
 from saelab.store.format import shard_target
 
 log = logging.getLogger(__name__)
 
 
 
+@grouped
 @dataclass
 class CollectConfig:
     """Everything `saelab collect` needs; field name = flag = YAML key."""
-
+    lm: ModelConfig = group(ModelConfig)
+    """The model (--model --dtype --device --adapter)."""
+    text: CorpusConfig = group(CorpusConfig, corpus="sotu", max_length=1024)
+    """The corpus and its packing (--corpus --text-field --text-template --max-length --keep-special)."""
     out: str | None = None
     """Store directory (default: data/run, or data/lora_<adapter initials> such as data/lora_gudqkvo for a
     lora: hook). Re-running the same command into it resumes; other settings are refused."""
-    model: str = "default"
-    """Model: `default` (embedded SmolLM2-135M-Instruct), a .gguf file, a local HF directory or a hub id."""
     layer: list[int] = field(default_factory=list)
     """Residual stream after these decoder layers (shorthand for --hook model.layers.N); comma-separated."""
     hook: list[str] = field(default_factory=list)
     """Hook points by module path with optional :input/:output, comma-separated (see `saelab hooks`)."""
-    adapter: str | None = None
-    """A peft LoRA adapter directory to load on top of --model."""
-    corpus: str = "sotu"
-    """Text file, folder of .txt, .jsonl, .parquet, a built-in name (sotu, shakespeare, champ, champ-cot) or hf:NAME."""
-    text_field: str = "text"
-    """JSONL / Parquet field that holds the text."""
-    text_template: str | None = None
-    """Join several JSONL fields, e.g. '{question}\\n{reasoning}\\n{answer}'."""
     tokens: int = 1_000_000
     """Activations to store in total over all shards (accepts 10M, 500k)."""
     chunk_tokens: int = 262_144
     """Rows per chunk file (a chunk closes on the batch that reaches this)."""
-    max_length: int = 1024
-    """Tokens per packed sequence (BOS/EOS between documents)."""
     batch_size: int = 8
     """Sequences per forward pass."""
-    keep_special: bool = False
-    """Also store BOS and padding positions (left out by default: their activations are outliers)."""
-    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
-    """Model weights dtype for the forward pass (the store is always fp16)."""
-    device: str = "cpu"
-    """cpu, cuda, cuda:N, or auto (spread over all GPUs with accelerate's device map)."""
     shard: int = 0
     """This writer's shard index, 0 .. num_shards-1."""
     num_shards: int = 1
@@ -87,27 +80,21 @@ class CollectConfig:
     """Verify the whole store (sha256, NaN/inf, shapes) when collection ends."""
 
     def __post_init__(self):
-        from saelab.models.lora import default_store_name, join_lora_specs
-
         self.hook = join_lora_specs(self.hook)  # --hook lora:gate,up,... arrives split on its commas
         if self.out is None:
             self.out = f"data/{default_store_name(self.hook) or 'run'}"
         problems = []
-        for name in ("tokens", "chunk_tokens", "max_length", "batch_size", "num_shards", "parallel"):
+        for name in ("tokens", "chunk_tokens", "batch_size", "num_shards", "parallel"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.shard < max(self.num_shards, 1):
             problems.append(f"--shard {self.shard} is outside 0 .. {self.num_shards - 1} (--num-shards {self.num_shards})")
         if self.parallel > 1 and self.num_shards not in (1, self.parallel):
             problems.append("--parallel P starts shards 0..P-1 itself: leave --num-shards out or set it to P")
-        if self.max_length < 2:
-            problems.append("--max-length must be at least 2")
         if problems:
             raise UsageError("collect settings have problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
     def hook_names(self) -> list[str]:
-        from saelab.models import layer_hook
-
         names = [layer_hook(i) for i in self.layer] + list(self.hook)
         return list(dict.fromkeys(names)) or [layer_hook(15)]
 
@@ -115,7 +102,6 @@ class CollectConfig:
 @dataclass
 class CollectResult:
     """What a collect run did."""
-
     out: Path
     """The store directory."""
     tokens: int
@@ -132,11 +118,7 @@ class CollectResult:
 
 def run_meta(cfg: CollectConfig, loaded, hook_points, widths, corpus) -> dict:
     """The store-level manifest for this run (store.json)."""
-    from saelab import __version__
-    from saelab.store import hook_key
 
-    from saelab.models import tokenizer_info
-    from saelab.models.lora import slices_json
 
     lora = [h for h in hook_points if hasattr(h, "slices")]
     return {
@@ -147,8 +129,8 @@ def run_meta(cfg: CollectConfig, loaded, hook_points, widths, corpus) -> dict:
         # named after the model, not the tokenizer's path (a cache path differs between machines)
         "tokenizer": dict(tokenizer_info(loaded.tokenizer), name=loaded.info.get("name")),
         "corpus": {"spec": corpus.name, "fingerprint": corpus.fingerprint},
-        "max_length": cfg.max_length,
-        "keep_special": cfg.keep_special,
+        "max_length": cfg.text.max_length,
+        "keep_special": cfg.text.keep_special,
         "batch_size": cfg.batch_size,
         "chunk_tokens": cfg.chunk_tokens,
         "tokens_target": cfg.tokens,
@@ -163,13 +145,10 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
     """Run one writer (shard `cfg.shard` of `cfg.num_shards`) to completion; resume if possible."""
     if cfg.parallel > 1:
         return collect_parallel(cfg, quiet=quiet)
-    from saelab.corpus import batch_sequences, pack_sequences, resolve_corpus
-    from saelab.models import capture, load_model, resolve_hooks
-    from saelab.store import ShardWriter
 
     t_start = time.perf_counter()
-    corpus = resolve_corpus(cfg.corpus, text_field=cfg.text_field, text_template=cfg.text_template)
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter, quiet=quiet)
+    corpus = open_corpus(cfg.text)
+    loaded = load_model_from(cfg.lm, quiet=quiet)
     model, tok = loaded.model, loaded.tokenizer
     hook_points = resolve_hooks(model, cfg.hook_names())
     widths = _hook_widths(model, hook_points)
@@ -182,8 +161,7 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
         return CollectResult(Path(cfg.out), writer.tokens_done, writer.chunks_done, 0.0, 0.0, 0)
 
     tokz = meta["tokenizer"]  # bos/eos/pad ids
-    packed = pack_sequences(corpus.documents(), tok, cfg.max_length, bos_id=tokz["bos_id"],
-                            eos_id=tokz["eos_id"], pad_id=tokz["pad_id"], keep_special=cfg.keep_special)
+    packed = pack_corpus(corpus, tok, tokz, cfg.text)
     mine = (s for s in packed if s.index % cfg.num_shards == cfg.shard)
     # resume on the batch grid: skip the sequences of the batches already stored
     batches = batch_sequences(itertools.islice(mine, writer.batches_done * cfg.batch_size, None), cfg.batch_size)
@@ -244,8 +222,6 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
 
 def _hook_widths(model, hook_points) -> dict[str, int]:
     """Width of each hook's activation, from one forward pass on two tokens."""
-    from saelab.models import capture
-
     device = next(model.parameters()).device
     ids = torch.ones(1, 2, dtype=torch.long, device=device)
     acts = capture(model, hook_points, ids, torch.ones_like(ids), stop_early=True)
@@ -253,8 +229,6 @@ def _hook_widths(model, hook_points) -> dict[str, int]:
 
 
 def _verify_or_raise(path) -> None:
-    from saelab.store.check import verify_store
-
     report = verify_store(path)
     if report.problems:
         raise UsageError(f"verify found {len(report.problems)} problem(s) in {path}:\n"
@@ -264,8 +238,6 @@ def _verify_or_raise(path) -> None:
 
 def collect_parallel(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
     """Start `cfg.parallel` writer processes (shards 0..P-1) and follow them until all finish."""
-    from saelab.config import to_dict
-
     p = cfg.parallel
     threads = max(1, (os.cpu_count() or 1) // p)
     procs = []
@@ -299,8 +271,6 @@ def collect_parallel(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
 
 
 def _tokens_on_disk(out) -> int:
-    import json
-
     total = 0
     for m in sorted(Path(out).glob("shard_*/manifest.json")):
         try:

@@ -26,29 +26,28 @@ from typing import NamedTuple
 
 import torch
 
-from saelab.config import to_dict
-from saelab.corpus import pack_sequences, resolve_corpus
+from saelab import plots
+from saelab.config import group, grouped, to_dict
+from saelab.corpus import CorpusConfig, batch_sequences, open_corpus, pack_corpus
 from saelab.errors import UsageError
-from saelab.models import layers_of, load_model, tokenizer_info
+from saelab.models import ModelConfig, layers_of, load_model, tokenizer_info
 from saelab.models.lora import LORA_TYPES
 
 log = logging.getLogger(__name__)
 
 
+@grouped
 @dataclass
 class FinetuneConfig:
     """Everything `saelab lora-finetune` needs; field name = flag = YAML key."""
 
+    lm: ModelConfig = group(ModelConfig, exclude=("dtype", "device", "adapter"))
+    """--model: the base model (trained on CPU in float32)."""
+    text: CorpusConfig = group(CorpusConfig, corpus="champ-cot", max_length=256, exclude=("keep_special",))
+    """--corpus to fine-tune on, and its packing."""
+
     out: str = "adapters/lora"
     """Directory for the adapter (peft format), training.json and loss.png."""
-    model: str = "default"
-    """Base model: `default` (embedded SmolLM2-135M-Instruct), a .gguf file, a local HF directory or a hub id."""
-    corpus: str = "champ-cot"
-    """Text file, folder of .txt, .jsonl, .parquet, a built-in name (sotu, shakespeare, champ, champ-cot) or hf:NAME."""
-    text_field: str = "text"
-    """JSONL / Parquet field that holds the text."""
-    text_template: str | None = None
-    """Join several JSONL fields, e.g. '{question}\\n{reasoning}\\n{answer}'."""
     rank: int = 1
     """LoRA rank r of every adapter."""
     alpha: float | None = None
@@ -61,8 +60,6 @@ class FinetuneConfig:
     """AdamW learning rate (after a linear warmup over the first tenth of the steps)."""
     batch_size: int = 4
     """Packed sequences per step."""
-    max_length: int = 256
-    """Tokens per packed sequence."""
     eval_sequences: int = 8
     """Held-out sequences (after the training ones) whose loss is measured before and after training."""
     seed: int = 0
@@ -75,8 +72,6 @@ class FinetuneConfig:
         for name in ("rank", "steps", "batch_size", "eval_sequences"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_length < 2:
-            problems.append(f"--max-length must be at least 2, got {self.max_length}")
         if not self.lr > 0:
             problems.append(f"--lr must be positive, got {self.lr}")
         bad = [t for t in self.targets if t not in LORA_TYPES]
@@ -110,10 +105,7 @@ def _lr_at(step: int, cfg: FinetuneConfig) -> float:
 
 
 def _batch_tensors(seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    import numpy as np
-
-    ids_BS = torch.tensor(np.stack([s.input_ids for s in seqs]), dtype=torch.long)
-    mask_BS = torch.tensor(np.stack([s.attention_mask for s in seqs]), dtype=torch.long)
+    ids_BS, mask_BS, _, _ = next(batch_sequences(seqs, len(seqs)))
     labels_BS = ids_BS.masked_fill(mask_BS == 0, -100)
     return ids_BS, mask_BS, labels_BS
 
@@ -152,18 +144,17 @@ def finetune(cfg: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UsageError(f"--out {out} already exists and is not empty. Choose another --out or pass --overwrite.")
-    corpus = resolve_corpus(cfg.corpus, text_field=cfg.text_field, text_template=cfg.text_template)
-    loaded = load_model(cfg.model, quiet=quiet)
-    _check_targets(loaded.model, cfg.targets, cfg.model)
+    corpus = open_corpus(cfg.text)
+    loaded = load_model(cfg.lm.model, quiet=quiet)
+    _check_targets(loaded.model, cfg.targets, cfg.lm.model)
     tk = tokenizer_info(loaded.tokenizer)
     n_train, n_eval = cfg.steps * cfg.batch_size, cfg.eval_sequences
-    seqs = list(itertools.islice(pack_sequences(corpus.documents(), loaded.tokenizer, cfg.max_length,
-                                                tk["bos_id"], tk["eos_id"], tk["pad_id"]), n_train + n_eval))
+    seqs = list(itertools.islice(pack_corpus(corpus, loaded.tokenizer, tk, cfg.text), n_train + n_eval))
     if len(seqs) > n_eval:
         train_seqs, eval_seqs = seqs[:-n_eval], seqs[-n_eval:]
     else:
         log.warning("corpus %s holds only %d sequences of %d tokens: measuring the loss on training data",
-                    corpus.name, len(seqs), cfg.max_length)
+                    corpus.name, len(seqs), cfg.text.max_length)
         train_seqs, eval_seqs = seqs, seqs
     if len(train_seqs) < n_train:
         log.info("corpus %s gives %d sequences for %d steps x %d: cycling over them", corpus.name,
@@ -173,7 +164,7 @@ def finetune(cfg: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=0.0,
                       target_modules=[LORA_TYPES[t].rsplit(".", 1)[-1] for t in cfg.targets], task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, lcfg)
-    model.peft_config["default"].base_model_name_or_path = cfg.model
+    model.peft_config["default"].base_model_name_or_path = cfg.lm.model
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     model.eval()  # no dropout anywhere; gradients still flow to the LoRA parameters
@@ -219,18 +210,11 @@ def finetune(cfg: FinetuneConfig, quiet: bool = False) -> FinetuneResult:
 
 def save_loss_plot(path: str | Path, losses: list[float], before: float, after: float) -> Path:
     """The training loss per step, with the held-out loss before and after as dashed lines (PNG)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = plots.figure(6, 3.5)
     ax.plot(range(1, len(losses) + 1), losses, lw=1, label="training loss")
     ax.axhline(before, ls="--", c="grey", lw=1, label=f"held-out before {before:.3f}")
     ax.axhline(after, ls="--", c="C1", lw=1, label=f"held-out after {after:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("next-token loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return Path(path)
+    return plots.save(fig, path)

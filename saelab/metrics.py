@@ -151,10 +151,10 @@ def reconstruction_metrics(s: ReconSums) -> Reconstruction:
     )
 
 
-def fvu_reference(x_ND: Tensor, x_hat_ND: Tensor) -> float:
-    """Reference FVU on a whole set held in memory: ||x - x_hat||^2 / ||x - mean(x)||^2 (float64)."""
-    x = x_ND.double()
-    return float((x - x_hat_ND.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+def fvu(x_ND: Tensor, x_hat_ND: Tensor) -> Tensor:
+    """FVU of a set held in memory: ||x - x_hat||^2 / ||x - mean(x)||^2 (the streamed `ReconSums`
+    version is `reconstruction_metrics`; tests check one against the other)."""
+    return (x_ND - x_hat_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 def mean_activation(s: ReconSums) -> Tensor:

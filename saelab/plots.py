@@ -6,6 +6,7 @@ figures are built with `matplotlib.figure.Figure` on the Agg canvas, so it is sa
 tests and on machines without a display. matplotlib is imported inside each function, so importing
 this module is free.
 
+    fig, ax = figure(6, 4); ...; save(fig, path)        any other plot: the one figure set-up
     save_histogram(path, edges, counts, ...)          bars from a precomputed histogram
     save_feature_density(path, hists, labels)         log10 firing frequency, one step line per SAE
     save_pareto(path, xs, ys, labels, ...)            scatter + frontier line (lower-left is better
@@ -20,16 +21,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _figure(width: float = 6.0, height: float = 4.0):
+def figure(width: float = 6.0, height: float = 4.0, rows: int = 1, cols: int = 1):
+    """A Figure on the Agg canvas (no pyplot state) and its axes: one Axes, or an array for rows x cols."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
+    if rows == cols == 1:
+        return fig, fig.add_subplot(1, 1, 1)
+    return fig, fig.subplots(rows, cols)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (parent folders created) and return the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -43,7 +48,7 @@ def save_histogram(path: str | Path, edges: Sequence[float], counts: Sequence[in
     """Bar plot of a precomputed histogram (`len(edges) == len(counts) + 1`)."""
     if len(edges) != len(counts) + 1:
         raise ValueError(f"a histogram needs len(edges) = len(counts) + 1, got {len(edges)} and {len(counts)}")
-    fig, ax = _figure()
+    fig, ax = figure()
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
     ax.bar(list(edges[:-1]), list(counts), width=widths, align="edge", color="tab:blue", edgecolor="none")
     if logy and any(c > 0 for c in counts):
@@ -51,7 +56,7 @@ def save_histogram(path: str | Path, edges: Sequence[float], counts: Sequence[in
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def save_feature_density(path: str | Path, hists: Sequence[dict], labels: Sequence[str],
@@ -60,7 +65,7 @@ def save_feature_density(path: str | Path, hists: Sequence[dict], labels: Sequen
 
     Dead latents cannot sit on a log axis; their count goes in the legend.
     """
-    fig, ax = _figure()
+    fig, ax = figure()
     for h, label in zip(hists, labels):
         edges, counts = h["edges"], h["counts"]
         ax.stairs(counts, edges, label=f"{label} (dead: {h['dead']})", fill=len(hists) == 1, alpha=0.8)
@@ -68,7 +73,7 @@ def save_feature_density(path: str | Path, hists: Sequence[dict], labels: Sequen
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def pareto_front(xs: Sequence[float], ys: Sequence[float], higher_is_better: bool = False) -> list[int]:
@@ -90,7 +95,7 @@ def save_pareto(path: str | Path, xs: Sequence[float], ys: Sequence[float], labe
 
     NaN points (e.g. a metric that was not computed) are skipped.
     """
-    fig, ax = _figure()
+    fig, ax = figure()
     ok = [i for i in range(len(xs)) if xs[i] == xs[i] and ys[i] == ys[i]]
     ax.scatter([xs[i] for i in ok], [ys[i] for i in ok], color="tab:blue", zorder=3)
     for i in ok:
@@ -105,4 +110,4 @@ def save_pareto(path: str | Path, xs: Sequence[float], ys: Sequence[float], labe
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)

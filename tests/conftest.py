@@ -1,10 +1,34 @@
 """Shared fixtures: a fixed seed for every test, and a private SAELAB_HOME unless one is set."""
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+
+_USER_HOME = os.environ.get("SAELAB_HOME")
+
+
+@pytest.fixture(scope="session")
+def shared_model_cache(tmp_path_factory):
+    """One dequantised-model cache for the whole session (a cache, not user data: the first slow
+    test that loads the embedded model fills it, the rest reuse it)."""
+    return tmp_path_factory.mktemp("saelab_models")
+
+
+@pytest.fixture(autouse=True)
+def private_saelab_home(tmp_path_factory, monkeypatch, shared_model_cache):
+    """Every test gets its own SAELAB_HOME (corpora, caches, hash cache) unless the caller set one,
+    so no test reads or writes the user's ~/.cache/saelab. `models/` links to the session's cache."""
+    if _USER_HOME:
+        yield Path(_USER_HOME)
+        return
+    home = tmp_path_factory.mktemp("saelab_home")
+    (home / "models").symlink_to(shared_model_cache, target_is_directory=True)
+    monkeypatch.setenv("SAELAB_HOME", str(home))
+    yield home
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import torch
 from saelab.collect import CollectConfig, collect, shard_target
 from saelab.errors import UsageError
 from saelab.store import load_store
-from tests.helpers import BOS_ID, PAD_ID, TINY_MODELS, make_text_corpus
+from tests.builders import BOS_ID, PAD_ID, TINY_MODELS, make_text_corpus
 
 
 def save_tiny(arch: str, path: Path, scale_embed: float = 1.0) -> Path:

@@ -19,9 +19,9 @@ from saelab.models.lora import lora_patch
 from saelab.saes import load_sae
 from saelab.store import load_store
 from saelab.train import AUTO_DEFAULTS, TrainConfig, resolve_auto, train
-from tests.helpers import make_text_corpus, random_ids
-from tests.test_evaluate import const_sae, identity_sae
-from tests.test_lora import _save_base, make_adapter
+from tests.builders import make_text_corpus, random_ids
+from tests.builders import const_sae, identity_sae
+from tests.builders import make_adapter, save_tiny_llama
 
 ALL = "lora:gate,up,down,q,k,v,o"
 WIDTH = 2 * 7 * 2
@@ -31,7 +31,7 @@ WIDTH = 2 * 7 * 2
 def lora_env(tmp_path_factory):
     """(base model dir, adapter dir, corpus dir, LoRA store dir) shared by the module."""
     root = tmp_path_factory.mktemp("lora_env")
-    base = _save_base(root / "base")
+    base = save_tiny_llama(root / "base")
     adapter = make_adapter(base, root / "adapter", rank=2)
     corpus = make_text_corpus(root / "corpus", n_docs=40, seed=0)
     collect(CollectConfig(out=str(root / "store"), model=str(base), adapter=str(adapter), hook=[ALL],

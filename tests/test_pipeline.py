@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from saelab import load_sae
-from tests.helpers import make_text_corpus
+from tests.builders import make_text_corpus
 
 
 def saelab(*args: str, cwd) -> str:

@@ -29,5 +29,5 @@ def run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     res = finetune(cfg, quiet=args.quiet)
     print(f"adapter saved to {res.out} ({res.trainable_params:,} LoRA parameters, {len(res.losses)} steps, "
           f"{res.seconds:.0f} s); held-out loss {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}")
-    print(f"next: saelab collect --adapter {res.out} --hook lora:{','.join(cfg.targets)} --corpus {cfg.corpus}")
+    print(f"next: saelab collect --adapter {res.out} --hook lora:{','.join(cfg.targets)} --corpus {cfg.text.corpus}")
     return 0

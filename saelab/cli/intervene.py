@@ -11,11 +11,11 @@ import textwrap
 from collections.abc import Sequence
 
 from saelab.cli.common import config_command
-from saelab.corpus import pack_sequences, resolve_corpus
+from saelab.corpus import open_corpus, pack_corpus
 from saelab.errors import UsageError, raise_all
 from saelab.intervene import (Edit, InterveneConfig, check_edit, check_sae_model, generate_pair,
                               measure_effect)
-from saelab.models import list_hook_points, load_model, resolve_hooks, tokenizer_info
+from saelab.models import list_hook_points, load_model_from, resolve_hooks, tokenizer_info
 from saelab.saes import load_sae
 
 
@@ -93,17 +93,17 @@ def effect_table(eff) -> str:
 
 
 def run(cfg: InterveneConfig, args: argparse.Namespace) -> int:
-    if not cfg.corpus and not cfg.prompt:
+    if not cfg.text.corpus and not cfg.prompt:
         raise UsageError("nothing to measure: pass --corpus TEXT (loss change, KL, token table) and/or "
                          "--prompt \"...\" (generations side by side).")
     if not (cfg.ablate or cfg.steer or cfg.clamp or cfg.scale):
         raise UsageError("no edit given: pass at least one of --ablate F, --steer F:ALPHA, --clamp F:V, "
                          "--scale F:C.")
-    saes = [load_sae(p, device=cfg.device) for p in args.sae]
+    saes = [load_sae(p, device=cfg.lm.device) for p in args.sae]
     edits = parse_edits(saes, cfg)
     problems = [p for path, e in zip(args.sae, edits) for p in check_edit(e, path)]
     raise_all(problems, "bad feature edits")
-    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter, quiet=args.quiet)
+    lm = load_model_from(cfg.lm, quiet=args.quiet)
     problems = [p for path, sae in zip(args.sae, saes) for p in check_sae_model(sae, lm.info, path)]
     hook_widths = dict(list_hook_points(lm.model))
     for path, e in zip(args.sae, edits):
@@ -116,11 +116,8 @@ def run(cfg: InterveneConfig, args: argparse.Namespace) -> int:
     for path, e in zip(args.sae, edits):
         print(f"{path} @ {e.hook_name()}: ablate {list(e.ablate)} clamp {dict(e.clamp)} "
               f"scale {dict(e.scale)} steer {dict(e.steer)}; keep_error={cfg.keep_error}")
-    if cfg.corpus:
-        corpus = resolve_corpus(cfg.corpus)
-        tk = tokenizer_info(lm.tokenizer)
-        seqs = pack_sequences(corpus.documents(), lm.tokenizer, cfg.max_length, bos_id=tk["bos_id"],
-                              eos_id=tk["eos_id"], pad_id=tk["pad_id"])
+    if cfg.text.corpus:
+        seqs = pack_corpus(open_corpus(cfg.text), lm.tokenizer, tokenizer_info(lm.tokenizer), cfg.text)
         eff = measure_effect(lm.model, edits, seqs, keep_error=cfg.keep_error, max_tokens=cfg.tokens,
                              batch_size=cfg.batch_size, tokenizer=lm.tokenizer, top_tokens=cfg.top_tokens,
                              n_boot=cfg.n_boot, seed=cfg.seed, quiet=args.quiet)

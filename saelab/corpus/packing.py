@@ -140,3 +140,10 @@ def pack_sequences(documents: Iterable[str], tokenizer, max_length: int, bos_id:
     if index == 0:
         raise UsageError("the corpus holds no text: every document is empty. Check --corpus "
                          "(and --text-field / --text-template for JSONL and Parquet).")
+
+
+def pack_corpus(corpus, tokenizer, special: dict, cfg) -> Iterator[PackedSequence]:
+    """`pack_sequences` of a corpus with the packing of a CorpusConfig (`max_length`, `keep_special`)
+    and the special ids of `special` (`models.tokenizer_info` or a store's `tokenizer` entry)."""
+    return pack_sequences(corpus.documents(), tokenizer, cfg.max_length, bos_id=special["bos_id"],
+                          eos_id=special["eos_id"], pad_id=special["pad_id"], keep_special=cfg.keep_special)

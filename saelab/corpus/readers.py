@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from saelab.corpus.builtin import BUILTINS, builtin_path
+from saelab.corpus.config import CorpusConfig
 from saelab.errors import UsageError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -194,3 +195,10 @@ def resolve_corpus(spec: str = "sotu", text_field: str = "text", text_template: 
                          ".txt, .jsonl or .parquet, or a folder of .txt files.")
     read, opts = readers[suffix]
     return Corpus(name=path.name, spec=spec, fingerprint=_fingerprint([path], path, opts), _read=read)
+
+
+def open_corpus(cfg: CorpusConfig) -> Corpus:
+    """`resolve_corpus` with the reading options of a CorpusConfig."""
+    if not cfg.corpus:
+        raise UsageError("no corpus given: pass --corpus (a text file, folder, .jsonl, .parquet or a built-in name).")
+    return resolve_corpus(cfg.corpus, text_field=cfg.text_field, text_template=cfg.text_template)

@@ -13,13 +13,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from saelab import metrics as M
 from saelab.errors import UsageError
 from saelab.evaluate.config import MIN_TOKENS
+from saelab.store.batches import rows_in_order
 
 
 @dataclass
@@ -201,19 +201,8 @@ def summarise(name: str, path: str, sae, hook: str, split: str, recon: M.ReconSu
     )
 
 
-def _split_of(sae, split: str) -> tuple[float, int]:
-    """(val_fraction, seed) the SAE was trained with, so "val" means the chunks it never saw."""
-    train_cfg = (getattr(sae, "metadata", None) or {}).get("training") or {}
-    if split == "all":
-        return 0.05, 0
-    return float(train_cfg.get("val_fraction", 0.05)), int(train_cfg.get("seed", 0))
-
-
 def store_batches(st, hook: str, split: str, batch_size: int, val_fraction: float = 0.05,
                   seed: int = 0) -> Iterator[torch.Tensor]:
-    """float32 batches x_BD of one hook over the chunks of `split`, in store order (no shuffling:
-    the metrics are sums, so order does not matter, and a fixed order makes --tokens reproducible)."""
-    for chunk in st.select(split, val_fraction, seed):
-        a_ND = st.read_activations(chunk, hook)
-        for i in range(0, a_ND.shape[0], batch_size):
-            yield torch.from_numpy(np.asarray(a_ND[i:i + batch_size], dtype=np.float32))
+    """float32 batches x_BD of one hook over the chunks of `split`, in store order."""
+    for _, x_BD in rows_in_order(st, hook, batch_size, st.select(split, val_fraction, seed)):
+        yield x_BD

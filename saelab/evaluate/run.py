@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 
 from saelab import metrics as M
-from saelab.corpus import pack_sequences, resolve_corpus
+from saelab.corpus import open_corpus, pack_sequences, resolve_corpus
 from saelab.errors import UsageError, raise_all
 from saelab.evaluate.config import EvalConfig
 from saelab.evaluate.downstream import downstream
-from saelab.evaluate.reconstruction import EvalResult, _split_of, accumulate, store_batches, summarise
+from saelab.evaluate.reconstruction import EvalResult, accumulate, store_batches, summarise
 from saelab.evaluate.report import write_outputs
 from saelab.models import load_model
+from saelab.provenance import (model_problems, resolve_sae_hook, sae_meta, store_model_problems, store_problems,
+                               trained_split)
 from saelab.saes import load_sae
 from saelab.store import load_store
 
@@ -39,63 +41,30 @@ def _names(paths: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def _sha(info: dict | None) -> str | None:
-    return (info or {}).get("sha256")
-
-
-def _describe(info: dict | None) -> str:
-    info = info or {}
-    sha = str(info.get("sha256") or "?")
-    return f"{info.get('name') or info.get('spec') or '?'} (sha256 {sha[:12]})"
-
-
-def _hook_of(sae, name: str, store_hooks: dict[str, int]) -> str | None:
-    hook = (getattr(sae, "metadata", None) or {}).get("hook")
-    if hook is None and len(store_hooks) == 1:
-        hook = next(iter(store_hooks))
-        log.warning("%s has no hook in its metadata; assuming the store's only hook %r", name, hook)
-    return hook
-
-
 def check_compatible(saes: Sequence, names: Sequence[str], store_meta: dict, store_path: str,
                      model_info: dict | None = None) -> list[str]:
-    """Hooks of the SAEs, after checking each SAE against the store (and the model, when given).
+    """Hooks of the SAEs, after checking each SAE against the store (and the model, when given);
+    the rules are saelab.provenance's.
 
     Raises:
         UsageError: one message listing every mismatch, naming both sides.
     """
-    store_hooks = {h["name"]: int(h["width"]) for h in store_meta.get("hooks", [])}
-    store_model = store_meta.get("model")
+    store_hooks = [h["name"] for h in store_meta.get("hooks", [])]
     problems, hooks = [], []
     for sae, name in zip(saes, names):
-        hook = _hook_of(sae, name, store_hooks)
+        meta = sae_meta(sae)
+        try:
+            hook = resolve_sae_hook(meta, store_hooks, name=name)
+        except UsageError as e:
+            problems.append(str(e))
+            hooks.append(None)
+            continue
         hooks.append(hook)
-        d_in = int(sae.W_dec_FD.shape[1])
-        if hook is None:
-            problems.append(f"{name} records no hook point in its metadata.json and the store holds "
-                            f"several ({', '.join(store_hooks)}); re-save it with metadata {{'hook': NAME}}")
-        elif hook not in store_hooks:
-            problems.append(f"{name} was trained on hook {hook!r}, but store {store_path} holds "
-                            f"{', '.join(map(repr, store_hooks))}; evaluate it on a store of that hook")
-        elif store_hooks[hook] != d_in:
-            problems.append(f"{name} has d_in {d_in}, but hook {hook!r} of store {store_path} has width "
-                            f"{store_hooks[hook]}")
-        sae_model = (getattr(sae, "metadata", None) or {}).get("model")
-        if _sha(sae_model) and _sha(store_model) and _sha(sae_model) != _sha(store_model):
-            problems.append(f"{name} was trained on activations of model {_describe(sae_model)}, but store "
-                            f"{store_path} was collected from {_describe(store_model)}")
-        if model_info is not None and _sha(sae_model) and _sha(sae_model) != _sha(model_info):
-            problems.append(f"{name} was trained on activations of model {_describe(sae_model)}, but --model "
-                            f"is {_describe(model_info)}; pass the model the SAE was trained on")
-    if model_info is not None and _sha(store_model) and _sha(store_model) != _sha(model_info):
-        problems.append(f"store {store_path} was collected from model {_describe(store_model)}, but --model "
-                        f"is {_describe(model_info)}")
-    store_ad, model_ad = store_meta.get("adapter"), (model_info or {}).get("adapter")
-    if model_info is not None and _sha(store_ad) != _sha(model_ad):
-        problems.append(f"store {store_path} was collected with adapter {(store_ad or {}).get('path', 'none')}, but "
-                        f"the model has {'adapter ' + str(model_ad.get('path')) if model_ad else 'none'}; pass the "
-                        f"store's adapter with --adapter{' ' + str(store_ad.get('path')) if store_ad else ''}"
-                        f"{'' if store_ad else ' (none: drop --adapter)'}")
+        problems += store_problems(name, meta, int(sae.W_dec_FD.shape[1]), hook, store_meta, store_path)
+        if model_info is not None:
+            problems += model_problems(name, meta, model_info)
+    if model_info is not None:
+        problems += store_model_problems(store_meta, store_path, model_info)
     raise_all_problems(problems)
     return hooks  # type: ignore[return-value]
 
@@ -119,7 +88,8 @@ def _load_saes(saes: Sequence, device: str) -> tuple[list, list[str], list[str]]
 
 def evaluate_saes(saes: Sequence, store, split: str = "val", tokens: int | None = None, batch_size: int = 4096,
              model=None, corpus=None, eval_tokens: int = 8192, seq_batch: int = 4, out: str | Path | None = None,
-             device: str = "cpu", quiet: bool = False, adapter: str | Path | None = None) -> list[EvalResult]:
+             device: str = "cpu", quiet: bool = False, adapter: str | Path | None = None,
+             dtype: str = "float32") -> list[EvalResult]:
     """Evaluate SAEs (directories or objects) on a store and, with a model and corpus, on the model's
     next-token loss. `evaluate(cfg)` is the same from an EvalConfig.
 
@@ -146,13 +116,13 @@ def evaluate_saes(saes: Sequence, store, split: str = "val", tokens: int | None 
     objs, paths, names = _load_saes(saes, device)
     loaded = None
     if model is not None:
-        loaded = _load_model(model, device, quiet, adapter)
+        loaded = _load_model(model, device, quiet, adapter, dtype)
     hooks = check_compatible(objs, names, st.meta, store_path, loaded.info if loaded is not None else None)
 
     # SAEs on the same hook and the same train/val split share one pass over the store.
     groups: dict[tuple, list[int]] = {}
     for i, h in enumerate(hooks):
-        groups.setdefault((h, *_split_of(objs[i], split)), []).append(i)
+        groups.setdefault((h, *((0.05, 0) if split == "all" else trained_split(sae_meta(objs[i])))), []).append(i)
     by_hook: dict[str, list[int]] = {}
     results: list[EvalResult | None] = [None] * len(objs)
     means: dict[str, torch.Tensor] = {}
@@ -190,8 +160,9 @@ def evaluate(cfg: EvalConfig, quiet: bool = False) -> list[EvalResult]:
     if not cfg.data:
         raise UsageError("no store given: pass --data STORE (the activation store the SAEs were trained on).")
     return evaluate_saes(cfg.sae, cfg.data, split=cfg.split, tokens=cfg.tokens, batch_size=cfg.batch_size,
-                         model=cfg.model, corpus=cfg.corpus, eval_tokens=cfg.eval_tokens, seq_batch=cfg.seq_batch,
-                         out=cfg.out, device=cfg.device, quiet=quiet, adapter=cfg.adapter)
+                         model=cfg.lm.model, corpus=open_corpus(cfg.text) if cfg.text.corpus else None,
+                         eval_tokens=cfg.eval_tokens, seq_batch=cfg.seq_batch, out=cfg.out, device=cfg.lm.device,
+                         quiet=quiet, adapter=cfg.lm.adapter, dtype=cfg.lm.dtype)
 
 
 def _open_store(store):
@@ -200,13 +171,14 @@ def _open_store(store):
     return load_store(store)
 
 
-def _load_model(model, device: str, quiet: bool, adapter=None):
+def _load_model(model, device: str, quiet: bool, adapter=None, dtype: str = "float32"):
     if hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "info"):
         if adapter is not None:
             raise UsageError("evaluate: adapter= applies to a model spec; a LoadedModel is used as it is. "
                              "Load it with load_model(spec, adapter=DIR) instead.")
         return model
-    return load_model(str(model), device=device, quiet=quiet, adapter=None if adapter is None else str(adapter))
+    return load_model(str(model), dtype=dtype, device=device, quiet=quiet,
+                      adapter=None if adapter is None else str(adapter))
 
 
 def _eval_sequences(corpus, tokenizer, store_meta: dict) -> Iterator:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from saelab.plots import _figure, _save
+from saelab.plots import figure, save
 
 
 def write_plots(results: dict, enr, out: Path) -> dict[str, str]:
     """enrichment.png, complexity.png, categories.png (with categories), ablation.png; {name: file}."""
     plots: dict[str, str] = {}
-    fig, ax = _figure(5.5, 5.0)
+    fig, ax = figure(5.5, 5.0)
     eps = 0.5 / max(results["tokens"]["reasoning"], 1)
     ax.scatter(np.maximum(enr.freq_b, eps), np.maximum(enr.freq_a, eps), s=3, alpha=0.4, color="grey")
     top = [r["feature"] for r in results["enrichment"]["top"]]
@@ -26,12 +26,12 @@ def write_plots(results: dict, enr, out: Path) -> dict[str, str]:
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("firing frequency on prose"), ax.set_ylabel("firing frequency on reasoning")
     ax.set_title("features: reasoning vs prose")
-    _save(fig, out / "enrichment.png")
+    save(fig, out / "enrichment.png")
     plots["enrichment"] = "enrichment.png"
 
     cx = results["complexity"]
     if "activity" in cx:
-        fig, ax = _figure(6.0, 4.5)
+        fig, ax = figure(6.0, 4.5)
         cats = cx["categories"]
         for i, c in enumerate(sorted(set(cats))):
             sel = [j for j, k in enumerate(cats) if k == c]
@@ -41,10 +41,10 @@ def write_plots(results: dict, enr, out: Path) -> dict[str, str]:
         ax.set_xlabel("solution steps"), ax.set_ylabel("mean summed activation of top features")
         if len(set(cats)) > 1:
             ax.legend(fontsize=7)
-        _save(fig, out / "complexity.png")
+        save(fig, out / "complexity.png")
         plots["complexity"] = "complexity.png"
     if cx.get("by_category"):
-        fig, ax = _figure(6.0, 4.0)
+        fig, ax = figure(6.0, 4.0)
         names = list(cx["by_category"])
         est = [cx["by_category"][c]["estimate"] for c in names]
         err = [[e - cx["by_category"][c]["low"] for c, e in zip(names, est)],
@@ -52,12 +52,12 @@ def write_plots(results: dict, enr, out: Path) -> dict[str, str]:
         ax.bar(range(len(names)), est, yerr=err, capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.set_ylabel("mean top-feature activity (95% CI)")
-        _save(fig, out / "categories.png")
+        save(fig, out / "categories.png")
         plots["categories"] = "categories.png"
 
     ab = results["ablation"]
     if ab.get("top"):
-        fig, ax = _figure(6.0, 4.0)
+        fig, ax = figure(6.0, 4.0)
         groups = [("top", [ab["top"]])] + [("control", ab["controls"])]
         xs, labels = 0, []
         for gi, (name, runs) in enumerate(groups):
@@ -76,7 +76,7 @@ def write_plots(results: dict, enr, out: Path) -> dict[str, str]:
         ax.axhline(0, color="black", lw=0.5)
         ax.set_ylabel("loss change, nats/token\n(top: 95% CI; control: mean +- std over seeds)")
         ax.set_title(f"ablating {len(ab['features'])} features")
-        _save(fig, out / "ablation.png")
+        save(fig, out / "ablation.png")
         plots["ablation"] = "ablation.png"
     plots["report"] = str(out / "report.md")
     return plots

@@ -22,13 +22,14 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from saelab.errors import UsageError
 from saelab.interpret.stats import FeatureAccumulator, FeatureStats, PassConfig, load_stats, save_stats
 from saelab.paths import saelab_home
+from saelab.store.batches import rows_in_order
+from saelab.provenance import resolve_sae_hook, sae_meta, store_problems
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +37,15 @@ log = logging.getLogger(__name__)
 def check_pair(sae, store, hook: str | None = None) -> str:
     """Check that `sae` reads activations of this store; return the hook name to use.
 
-    The hook is `hook`, else the SAE's `metadata["hook"]`, else the store's only hook. Checked: the
-    hook exists in the store, its width equals d_in, and the model the SAE was trained on (metadata
-    `model.sha256`, when recorded) is the store's model.
+    The hook is `hook`, else the SAE's `metadata["hook"]`, else the store's only hook; the checks
+    are saelab.provenance's (hook in the store, width = d_in, same model).
 
     Raises:
         UsageError: listing every mismatch, with how to fix it.
     """
-    meta = getattr(sae, "metadata", {}) or {}
-    hooks = store.hooks
-    problems = []
-    name = hook or meta.get("hook")
-    if name is None:
-        if len(hooks) != 1:
-            raise UsageError(f"the SAE does not record its hook point and store {store.path} holds "
-                             f"{len(hooks)} ({', '.join(hooks)}). Pass --hook NAME.")
-        name = hooks[0]
-    if name not in hooks:
-        problems.append(f"hook {name!r} is not in the store (it holds {', '.join(hooks)}); pass the "
-                        "store the SAE was trained on, or --hook")
-    elif store.width(name) != sae.cfg.d_in:
-        problems.append(f"hook {name!r} has width {store.width(name)} in the store but the SAE has "
-                        f"d_in={sae.cfg.d_in}")
-    sae_model = (meta.get("model") or {}) if isinstance(meta.get("model"), dict) else {}
-    store_model = store.meta.get("model") or {}
-    if sae_model.get("sha256") and store_model.get("sha256") and sae_model["sha256"] != store_model["sha256"]:
-        problems.append(f"the SAE was trained on model {sae_model.get('name', '?')} (sha256 "
-                        f"{str(sae_model['sha256'])[:12]}...) but the store holds activations of "
-                        f"{store_model.get('name', '?')} (sha256 {str(store_model['sha256'])[:12]}...)")
+    meta = sae_meta(sae)
+    name = resolve_sae_hook(meta, store.hooks, hook)
+    problems = store_problems("the SAE", meta, sae.cfg.d_in, name, store.meta, str(store.path))
     if problems:
         raise UsageError(f"SAE and store {store.path} do not belong together:\n"
                          + "\n".join(f"  - {p}" for p in problems)
@@ -82,15 +64,6 @@ def check_feature_ids(ids, d_sae: int) -> list[int]:
     return ids
 
 
-def iter_rows(store, hook: str, batch_size: int):
-    """Yield (global offset, x_BD float32) over the store's chunks in global row order."""
-    for chunk in sorted(store.chunks, key=lambda c: c.offset):
-        acts = store.read_activations(chunk, hook)
-        for start in range(0, chunk.num_tokens, batch_size):
-            x = np.asarray(acts[start:start + batch_size], dtype=np.float32)
-            yield chunk.offset + start, torch.from_numpy(x)
-
-
 @torch.no_grad()
 def feature_pass(sae, store, hook: str, cfg: PassConfig | None = None, quiet: bool = True) -> FeatureStats:
     """All-feature statistics in one pass over `store` (see stats.py for what is kept)."""
@@ -98,7 +71,7 @@ def feature_pass(sae, store, hook: str, cfg: PassConfig | None = None, quiet: bo
     acc = FeatureAccumulator(sae.cfg.d_sae, cfg)
     device = next(sae.parameters()).device
     with tqdm(total=store.num_tokens, unit="tok", disable=quiet, desc="features") as bar:
-        for offset, x_BD in iter_rows(store, hook, cfg.batch_size):
+        for offset, x_BD in rows_in_order(store, hook, cfg.batch_size):
             f_BF = sae.encode(x_BD.to(device))
             acc.update_(f_BF, offset)
             bar.update(x_BD.shape[0])

@@ -3,15 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from saelab.config import group, grouped
+from saelab.corpus import CorpusConfig
+from saelab.models import ModelConfig
 
+
+@grouped
 @dataclass
 class InterveneConfig:
     """Settings of `saelab intervene` (the SAE directories are positional)."""
 
-    model: str = "default"
-    """The model the SAEs were trained on: `default`, a .gguf file, a model directory or a hub id."""
-    corpus: str | None = None
-    """Text to measure the effect on (a path or built-in name); needed unless --prompt is given."""
+    lm: ModelConfig = group(ModelConfig)
+    """The model the SAEs were trained on (--adapter: needed for SAEs on a lora: hook)."""
+    text: CorpusConfig = group(CorpusConfig, max_length=256, exclude=("keep_special",))
+    """--corpus to measure the effect on; needed unless --prompt is given."""
+
     ablate: list[str] = field(default_factory=list)
     """Features set to 0: `12,845`; `I/F` targets the I-th SAE only (0-based), plain F every SAE."""
     steer: list[str] = field(default_factory=list)
@@ -26,10 +32,8 @@ class InterveneConfig:
     """Add the SAE's reconstruction error back, so only the edited features change the model."""
     tokens: int = 20_000
     """Token predictions to measure the effect on."""
-    max_length: int = 256
-    """Tokens per packed sequence."""
     batch_size: int = 8
-    """Sequences per forward pass."""
+    """Sequences (not tokens) per forward pass."""
     top_tokens: int = 10
     """Tokens listed per direction in the probability-change table."""
     n_boot: int = 2000
@@ -42,9 +46,3 @@ class InterveneConfig:
     """Tokens to generate for --prompt."""
     chat: bool = False
     """Wrap --prompt in the model's chat template."""
-    device: str = "cpu"
-    """cpu, cuda, cuda:N."""
-    dtype: str = "float32"
-    """Model dtype: float32, float16, bfloat16."""
-    adapter: str | None = None
-    """peft LoRA adapter directory to load on top of --model (needed for SAEs on a lora: hook)."""

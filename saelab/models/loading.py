@@ -39,14 +39,17 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Which model to load and how (the flags of `saelab hooks`; other stages may embed it)."""
+    """Which model to load and how: the flags `--model --dtype --device --adapter` of every stage
+    that runs a model (embedded with `saelab.config.group(ModelConfig, ...)`)."""
 
-    model: str = "default"
+    model: str | None = "default"
     """`default` (embedded SmolLM2-135M-Instruct), a .gguf file, a local model directory, or a hub id."""
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
-    """Weights and compute dtype."""
+    """Weights dtype of the model (auto: as stored). In `train`, also the compute dtype of the SAE
+    step (autocast; weights and optimizer stay float32; auto = float32)."""
     device: str = "cpu"
-    """cpu, cuda, cuda:N, or auto (spread the layers over all GPUs with accelerate)."""
+    """cpu, cuda, cuda:N, or auto. For a model, auto spreads its layers over every visible GPU with a
+    device map; in `train`, auto puts each rank's SAE on its own GPU (LOCAL rank), else the CPU."""
     adapter: str | None = None
     """Directory of a peft (LoRA) adapter to load on top of the model."""
 
@@ -207,6 +210,13 @@ def _from_dir(directory: Path, dtype: str, device: str):
 
 def _looks_like_hub_id(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not spec.startswith(".")
+
+
+def load_model_from(cfg: ModelConfig, quiet: bool = False) -> LoadedModel:
+    """`load_model` with the settings of a ModelConfig (a stage's `--model --dtype --device --adapter`)."""
+    if not cfg.model:
+        raise UsageError("no model given: pass --model (default, a .gguf file, a model directory or a hub id).")
+    return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, adapter=cfg.adapter, quiet=quiet)
 
 
 def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu",

@@ -37,6 +37,7 @@ from saelab import __version__
 from saelab.atomic import commit_dir, fresh_tmp, sha256_file
 from saelab.config import to_dict
 from saelab.errors import UsageError, raise_all
+from saelab.metrics import fvu
 from saelab.saes.ops import geometric_median
 
 log = logging.getLogger(__name__)
@@ -276,11 +277,6 @@ class SAE(nn.Module):
         return final
 
 
-def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
-    """Fraction of variance unexplained of a batch: sum ||x - x_hat||^2 / sum ||x - mean x||^2."""
-    return (x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
 def stats_output(loss: Tensor, x_BD: Tensor, x_hat_BD: Tensor, l0: Tensor, fired_F: Tensor,
                  sparsity: Tensor | None = None, aux: Tensor | None = None,
                  mse: Tensor | None = None) -> TrainOutput:
@@ -293,4 +289,4 @@ def stats_output(loss: Tensor, x_BD: Tensor, x_hat_BD: Tensor, l0: Tensor, fired
                        (aux if aux is not None else zero).detach(), l0.detach().float(), v, fired_F)
 
 
-__all__ = ["SAEConfig", "SAE", "TrainOutput", "FORMAT_VERSION", "fvu", "stats_output"]
+__all__ = ["SAEConfig", "SAE", "TrainOutput", "FORMAT_VERSION", "stats_output"]

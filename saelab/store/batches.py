@@ -160,3 +160,14 @@ class BatchIterator:
                              + "\n  Resume with the same store and settings, or start a new run.")
         self._epoch, self._group, self._batch = state["epoch"], state["group"], state["batch"]
         self._carry_CR = np.array([[self._pos[(s, i)], r] for s, i, r in state["carry"]], dtype=np.int64).reshape(-1, 2)
+
+
+def rows_in_order(store, hook: str, batch_size: int, chunks=None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(global row offset, float32 x_BD) over `chunks` (default: every chunk) in global row order,
+    `batch_size` rows at a time and never across a chunk boundary: the one in-order reader that
+    evaluation and interpretation share (their sums do not depend on order; a fixed order makes
+    `--tokens` reproducible)."""
+    for chunk in sorted(store.chunks if chunks is None else chunks, key=lambda c: c.offset):
+        a_ND = store.read_activations(chunk, hook)
+        for start in range(0, chunk.num_tokens, batch_size):
+            yield chunk.offset + start, torch.from_numpy(np.asarray(a_ND[start:start + batch_size], dtype=np.float32))

@@ -21,8 +21,7 @@ def make_synthetic_store(root: str | Path, d_in: int = 32, n_tokens: int = 32_76
     root = Path(root)
     g = torch.Generator().manual_seed(seed)
     n_features = n_features or 4 * d_in
-    dirs_FD = torch.randn(n_features, d_in, generator=g)
-    dirs_FD /= dirs_FD.norm(dim=-1, keepdim=True)
+    dirs_FD = _directions(g, n_features, d_in)
     meta = {"model": {"spec": "synthetic", "name": "synthetic", "sha256": "0" * 64, "architecture": "none",
                       "num_layers": 1, "d_model": d_in},
             "hooks": [{"name": hook, "width": d_in}], "tokenizer": {"name": "none", "vocab_size": 1},
@@ -42,3 +41,13 @@ def make_synthetic_store(root: str | Path, d_in: int = 32, n_tokens: int = 32_76
     for w in writers:
         w.finish()
     return root
+
+
+def _directions(g: torch.Generator, n_features: int, d_in: int) -> torch.Tensor:
+    dirs_FD = torch.randn(n_features, d_in, generator=g)
+    return dirs_FD / dirs_FD.norm(dim=-1, keepdim=True)
+
+
+def planted_directions(d_in: int = 32, n_features: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The unit directions dirs_FD that `make_synthetic_store` with the same arguments plants."""
+    return _directions(torch.Generator().manual_seed(seed), n_features or 4 * d_in, d_in)

@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE_VERSION = 1
-RESUME_FREE = ("resume", "quick_test", "wandb", "log_every", "num_workers", "device")
-"""TrainConfig fields that may differ between a run and its resumption."""
+RESUME_FREE = ("resume", "quick_test", "wandb", "log_every", "num_workers", "device", "out")
+"""TrainConfig fields that may differ between a run and its resumption (`out`: a run folder may move)."""
 
 
 @dataclass
@@ -279,7 +279,9 @@ def restore_training_checkpoint(ckpt: Path, runs: list[RunState], data_it, cfg, 
     state = read_trainer_state(ckpt)
     old = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
     new = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
-    diff = [f"{k}: checkpoint {old.get(k)!r}, now {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+    defaults = to_dict(type(cfg)())  # a key an older checkpoint lacks counts as its default value
+    diff = [f"{k}: checkpoint {old.get(k, defaults.get(k))!r}, now {new[k]!r}" for k in sorted(new)
+            if old.get(k, defaults.get(k)) != new[k]]
     raise_all(diff, f"--resume from {ckpt} with a different config (use the original settings or a new --out)")
     for run in runs:
         d = ckpt / run.rel / "state"

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from saelab.config import config_from_dict
+from saelab.config import config_from_dict, group, grouped
+from saelab.corpus import CorpusConfig
 from saelab.errors import UsageError, raise_all
+from saelab.models import ModelConfig
 from saelab.saes import REGISTRY
 from saelab.store.synthetic import make_synthetic_store
 
@@ -39,10 +41,17 @@ def lora_train_defaults(store_meta: dict, hook: str) -> dict:
     return dict(LORA_SAE_DEFAULTS) if (store_meta.get("slices") or {}).get(hook) else {}
 
 
+@grouped
 @dataclass
 class TrainConfig:
     """Everything `saelab train` needs; field name = flag = YAML key. SAE-specific options (e.g.
     `aux_k`) come from the architecture's own config class and travel in `sae_options`."""
+
+    lm: ModelConfig = group(ModelConfig, model=None, device="auto", exclude=("adapter",))
+    """--model to stream activations from instead of a store (with --corpus); --device and --dtype
+    also say where and in which compute dtype the SAEs train."""
+    text: CorpusConfig = group(CorpusConfig, max_length=256)
+    """--corpus to stream through --model, and its packing."""
 
     data: str | None = None
     """Activation store directory (from `saelab collect`)."""
@@ -116,10 +125,6 @@ class TrainConfig:
     """--init rkcnn: dims per subset (m); default round(sqrt(d_in))."""
     rkcnn_score: Literal["kurtosis", "knn", "variance_ratio"] = "kurtosis"
     """--init rkcnn: how subsets are ranked (see saelab/rkcnn.py)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N or auto."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Compute dtype of the forward/backward (autocast); weights and optimizer stay float32."""
     dead_window: int = 1000
     """A latent that has not fired for this many steps counts as dead."""
     resample_dead: bool = False
@@ -134,12 +139,6 @@ class TrainConfig:
     """Continue from the newest OUT/step_NNNNNN/ checkpoint."""
     quick_test: bool = False
     """Tiny end-to-end run in seconds (synthetic store if --data is not given)."""
-    model: str | None = None
-    """Stream activations from this model instead of a store (with --corpus)."""
-    corpus: str | None = None
-    """Corpus to stream through --model."""
-    max_length: int = 256
-    """Sequence length when streaming from a model."""
     shuffle_buffer: int = 65_536
     """Tokens in the shuffle buffer when streaming from a model."""
     sae_options: dict = field(default_factory=dict)
@@ -178,7 +177,7 @@ class TrainConfig:
             p.append(f"rkcnn_subsets must be >= 1, got {self.rkcnn_subsets}")
         if self.rkcnn_subset_size is not None and self.rkcnn_subset_size < 1:
             p.append(f"rkcnn_subset_size must be >= 1 (or unset for sqrt(d_in)), got {self.rkcnn_subset_size}")
-        if (self.model is None) != (self.corpus is None):
+        if (self.lm.model is None) != (self.text.corpus is None):
             p.append("streaming needs both --model and --corpus")
         raise_all(p, "invalid training config")
         if self.layer is not None and self.hook is None:

@@ -80,6 +80,8 @@ class TrainResult:
     """Optimizer steps taken in total (including those before a resume)."""
     tokens: int
     """Training tokens seen (global)."""
+    resumed_from: int = 0
+    """The step this invocation resumed at (0: started from scratch); it ran steps - resumed_from steps."""
 
     @property
     def best_dir(self) -> Path:
@@ -133,11 +135,11 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _device(cfg: TrainConfig, rank: int) -> torch.device:
-    if cfg.device == "auto":
+    if cfg.lm.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", rank % torch.cuda.device_count())
         return torch.device("cpu")
-    return torch.device(cfg.device)
+    return torch.device(cfg.lm.device)
 
 
 def _all_reduce_grads_(sae: torch.nn.Module, world: int) -> None:
@@ -182,7 +184,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
         torch.set_num_threads(cfg.num_workers)
     rank, world = _dist_info()
     device = _device(cfg, rank)
-    src = StoreSource(cfg) if cfg.data is not None or cfg.model is None else StreamSource(cfg)
+    src = StoreSource(cfg) if cfg.data is not None or cfg.lm.model is None else StreamSource(cfg)
     hook, d_in = src.hook, src.d_in
     cfg = resolve_auto(cfg, lora_train_defaults(src.meta, hook))
     out = Path(cfg.out)
@@ -209,6 +211,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
                          out if single else out / name, "." if single else name))
     data_it = src.train_batches(cfg, rank, world)
     step, tokens = ck.restore_training_checkpoint(resume_ckpt, runs, data_it, cfg, rank, world) if resume_ckpt else (0, 0)
+    resumed_from = step
     if world > 1:
         for run in runs:
             _broadcast_state_(run.sae)
@@ -224,7 +227,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
         run.sink = _make_sink(run, rank, step if resume_ckpt else None, wandb, len(runs) > 1)
     kept = (f"The last good checkpoint, {resume_ckpt}, is kept." if resume_ckpt else
             "No checkpoint had been written yet.")
-    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+    compute = "float32" if cfg.lm.dtype == "auto" else cfg.lm.dtype
+    autocast = torch.autocast(device.type, dtype=getattr(torch, compute), enabled=compute != "float32")
 
     stream = iter(data_it)
     bar = tqdm(total=total, initial=step, unit="step", disable=quiet or rank != 0, dynamic_ncols=True)
@@ -298,7 +302,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     wandb.close()
     if world > 1:
         dist.barrier()
-    return TrainResult(out, results, step, tokens)
+    return TrainResult(out, results, step, tokens, resumed_from)
 
 
 def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, step: int, world: int = 1,

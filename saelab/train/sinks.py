@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from saelab import plots
 from saelab.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -125,16 +126,11 @@ class MultiSink:
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
     """Training curves (loss, FVU, L0, dead fraction; validation points where present) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     if not rows:
         return
     panels = [("loss", "val_loss"), ("fvu", "val_fvu"), ("l0", "val_l0"), ("dead_frac", "val_dead_frac")]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    fig, axes = plots.figure(9, 6, rows=2, cols=2)
     for ax, (train_key, val_key) in zip(axes.flat, panels):
         for key, style in ((train_key, "-"), (val_key, "o-")):
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
@@ -143,6 +139,4 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_title(train_key)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, png_path)

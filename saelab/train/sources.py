@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 
-from saelab.corpus import pack_sequences, resolve_corpus
+from saelab.corpus import batch_sequences, open_corpus, pack_corpus
 from saelab.errors import UsageError, did_you_mean
 from saelab.models import capture, load_model, resolve_hooks, tokenizer_info
 from saelab.store import load_store, unit_hash
@@ -134,7 +133,7 @@ FORWARD_SEQS = 8
 class StreamSource:
     """Training data straight from a model over a corpus (`--model M --corpus C`, no store).
 
-    Sequences come from `saelab.corpus.pack_sequences`; sequence i is in the validation split iff
+    Sequences come from `saelab.corpus.pack_corpus`; sequence i is in the validation split iff
     u(seed, i) < val_fraction (the store's rule, per sequence instead of per chunk), and rank r of W
     takes every W-th training sequence. Rows kept are those of `keep_mask` (no BOS, no padding).
     Shuffling: a buffer of `shuffle_buffer` rows; each batch draws batch_size random rows out of it
@@ -149,26 +148,24 @@ class StreamSource:
                              "(see `saelab hooks --model M`).")
         if cfg.tokens is None:
             raise UsageError("streaming from --model has no fixed length: pass --tokens N (e.g. 10M).")
-        device = "cpu" if cfg.device == "auto" else cfg.device
-        self.lm = load_model(cfg.model, device=device, quiet=True)
+        device = "cpu" if cfg.lm.device == "auto" else cfg.lm.device
+        self.lm = load_model(cfg.lm.model, dtype=cfg.lm.dtype, device=device, quiet=True)
         self.hp = resolve_hooks(self.lm.model, [cfg.hook])[0]
         self.hook = self.hp.name
-        self.corpus = resolve_corpus(cfg.corpus)
+        self.corpus = open_corpus(cfg.text)
         self.tok = tokenizer_info(self.lm.tokenizer)
         probe = torch.tensor([[self.tok["bos_id"], self.tok["eos_id"]]], device=device)
         self.d_in = int(capture(self.lm.model, [self.hp], probe)[self.hook].shape[-1])
         if cfg.d_in is not None and cfg.d_in != self.d_in:
             raise UsageError(f"--d-in {cfg.d_in} disagrees with the model: {self.hook} has width {self.d_in}.")
-        self.device, self.path = device, f"stream:{cfg.model}:{cfg.corpus}"
-        self.meta = {"model": self.lm.info, "tokenizer": self.tok, "max_length": cfg.max_length,
+        self.device, self.path = device, f"stream:{cfg.lm.model}:{cfg.text.corpus}"
+        self.meta = {"model": self.lm.info, "tokenizer": self.tok, "max_length": cfg.text.max_length,
                      "corpus": {"spec": self.corpus.spec, "fingerprint": self.corpus.fingerprint},
                      "hooks": [{"name": self.hook, "width": self.d_in}]}
 
     def _sequences(self, cfg, split: str, rank: int, world: int):
-        t = self.tok
         n = 0
-        for seq in pack_sequences(self.corpus.documents(), self.lm.tokenizer, cfg.max_length, t["bos_id"],
-                                  t["eos_id"], t["pad_id"]):
+        for seq in pack_corpus(self.corpus, self.lm.tokenizer, self.tok, cfg.text):
             in_val = unit_hash(f"{cfg.seed}:seq:{seq.index}") < cfg.val_fraction
             if in_val != (split == "val"):
                 continue
@@ -178,21 +175,9 @@ class StreamSource:
 
     def rows(self, cfg, split: str, rank: int = 0, world: int = 1):
         """Activations x_ND of consecutive forward passes (kept positions only), float32 on CPU."""
-        group = []
-        for seq in self._sequences(cfg, split, rank, world):
-            group.append(seq)
-            if len(group) == FORWARD_SEQS:
-                yield self._forward(group)
-                group = []
-        if group:
-            yield self._forward(group)
-
-    def _forward(self, group) -> torch.Tensor:
-        ids = torch.tensor(np.stack([s.input_ids for s in group]), dtype=torch.long, device=self.device)
-        mask = torch.tensor(np.stack([s.attention_mask for s in group]), device=self.device)
-        keep = torch.from_numpy(np.stack([s.keep_mask for s in group]))
-        x_BSD = capture(self.lm.model, [self.hp], ids, mask)[self.hook].float().cpu()
-        return x_BSD[keep]
+        for ids_BS, mask_BS, keep_BS, _ in batch_sequences(self._sequences(cfg, split, rank, world), FORWARD_SEQS):
+            x_BSD = capture(self.lm.model, [self.hp], ids_BS.to(self.device), mask_BS.to(self.device))[self.hook]
+            yield x_BSD.float().cpu()[keep_BS]
 
     def train_batches(self, cfg, rank: int, world: int):
         return ShuffleStream(lambda: self.rows(cfg, "train", rank, world), cfg.batch_size,

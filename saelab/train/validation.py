@@ -18,6 +18,7 @@ import torch.distributed as dist
 from saelab.errors import UsageError
 from saelab.metrics import (ReconSums, SparsitySums, add_recon, add_sparsity, recon_sums, reconstruction_metrics,
                             sparsity_metrics, sparsity_sums)
+from saelab.provenance import trained_split
 from saelab.saes import load_sae
 from saelab.train.sources import open_store, resolve_hook, val_batches
 
@@ -74,7 +75,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, hook: str | N
         raise UsageError(f"{path} does not record its store; pass --data STORE.")
     store = open_store(data)
     hook, _ = resolve_hook(store, hook or sae.metadata.get("hook"), None)
-    cfg = SimpleNamespace(batch_size=batch_size, eval_tokens=eval_tokens, seed=train_cfg.get("seed", 0),
-                          val_fraction=train_cfg.get("val_fraction", 0.05),
+    val_fraction, seed = trained_split(sae.metadata)
+    cfg = SimpleNamespace(batch_size=batch_size, eval_tokens=eval_tokens, seed=seed, val_fraction=val_fraction,
                           shuffle_chunks=train_cfg.get("shuffle_chunks", 8))
     return evaluate_sae(sae, val_batches(store, hook, cfg), torch.device(device))

@@ -87,7 +87,7 @@ def test_documents_are_read_in_a_seeded_random_order(tmp_path):
     import random
 
     from saelab.experiments.reasoning import _sequences
-    from tests.helpers import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, tiny_tokenizer
+    from tests.builders import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, tiny_tokenizer
 
     tok = tiny_tokenizer()
     corpus = make_text_corpus(tmp_path / "c", n_docs=8, seed=5, words=(3, 6))

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests.interpret.builders import VOCAB, hostile_tokenizer, identity_sae, write_store
+from tests.builders import HOSTILE_VOCAB, hostile_tokenizer, relu_identity_sae, write_store
 
 D = 4
 
@@ -17,7 +17,7 @@ def crafted(tmp_path):
     rng = np.random.default_rng(0)
     seqs, acts = [], []
     for i in range(5):
-        ids = rng.integers(1, len(VOCAB), size=9)
+        ids = rng.integers(1, len(HOSTILE_VOCAB), size=9)
         x = np.zeros((9, D), np.float32)
         x[:, 0] = 1 + i + np.arange(9) / 10
         x[:, 1] = np.where(ids >= 8, 1 + (9 * i + np.arange(9)) / 64, -1.0)  # distinct even in fp16
@@ -28,7 +28,7 @@ def crafted(tmp_path):
     tok_dir = tmp_path / "tok"
     tok = hostile_tokenizer(tok_dir)
     store = write_store(tmp_path / "store", seqs, acts, tok_dir, num_shards=2, seqs_per_chunk=2)
-    sae = identity_sae(tmp_path / "sae", D)
+    sae = relu_identity_sae(tmp_path / "sae", D)
     # global row order: shard 0 (sequences 0, 2, 4), then shard 1 (1, 3)
     order = [0, 2, 4, 1, 3]
     tokens = np.concatenate([seqs[i] for i in order])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from saelab.cli import main
-from tests.interpret.builders import HOSTILE, VOCAB
+from tests.builders import HOSTILE, HOSTILE_VOCAB
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -114,12 +114,12 @@ def test_dashboard_in_headless_chromium(crafted, tmp_path):
     for e, g in zip(shown, top):
         assert float(e["value"]) == pytest.approx(f1[g], rel=1e-3)
         center_token = e["tokens"][e["center"]]
-        assert center_token == shown_text(VOCAB[c.tokens[g]])
+        assert center_token == shown_text(HOSTILE_VOCAB[c.tokens[g]])
         assert center_token in HOSTILE  # the hostile string shows as text
         assert e["acts"][e["center"]] == pytest.approx(f1[g], rel=1e-3)
         seq, pos = c.seqpos[g]
         lo = max(0, pos - 3)
-        assert e["tokens"] == [shown_text(VOCAB[t]) for t in c.seqs[seq][lo:pos + 4]]
+        assert e["tokens"] == [shown_text(HOSTILE_VOCAB[t]) for t in c.seqs[seq][lo:pos + 4]]
     assert any(e["section"] == "quantile-examples" for e in dom.examples)
 
     png = tmp_path / "dashboard.png"

@@ -44,8 +44,8 @@ def test_feature_shows_top_tokens_with_marked_context(crafted, tmp_path, capsys)
     rank, act, index, tok_id = lines[0].split()[:4]
     assert (int(rank), int(index), int(tok_id)) == (1, g, c.tokens[g])
     assert float(act) == pytest.approx(c.f[g, 0], rel=1e-3)
-    from tests.interpret.builders import VOCAB
-    ctx = "".join(VOCAB[t] for t in c.seqs[4][6:8]) + "[[" + VOCAB[c.seqs[4][8]] + "]]"
+    from tests.builders import HOSTILE_VOCAB
+    ctx = "".join(HOSTILE_VOCAB[t] for t in c.seqs[4][6:8]) + "[[" + HOSTILE_VOCAB[c.seqs[4][8]] + "]]"
     assert lines[0].endswith(ctx.replace("\n", "\\n"))
 
 

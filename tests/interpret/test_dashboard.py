@@ -8,7 +8,7 @@ import torch
 from saelab.interpret.dashboard import HeatmapPanel, dashboard_data, render_html, safe_json
 from saelab.interpret.examples import Example
 from saelab.interpret.stats import FeatureAccumulator, PassConfig, quantile_examples
-from tests.interpret.builders import HOSTILE
+from tests.builders import HOSTILE
 
 SCRIPT_RE = re.compile(r'<script type="application/json" id="([^"]+)">(.*?)</script>', re.S)
 

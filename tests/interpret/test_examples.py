@@ -13,7 +13,7 @@ from saelab.interpret.examples import (
 from saelab.interpret.stats import PassConfig, quantile_examples
 from saelab.saes import load_sae
 from saelab.store import load_store
-from tests.interpret.builders import HOSTILE, VOCAB, identity_sae
+from tests.builders import HOSTILE, HOSTILE_VOCAB, relu_identity_sae
 
 
 def open_all(c, **kw):
@@ -93,10 +93,10 @@ def test_cache_is_reused_and_keyed_by_store(crafted, monkeypatch):
 def test_token_text_and_hostile_tokens_round_trip(crafted):
     c = crafted
     tok = load_store_tokenizer(load_store(c.store))
-    texts = token_texts(tok, range(len(VOCAB)))
-    assert [texts[i] for i in range(8, len(VOCAB))] == HOSTILE
+    texts = token_texts(tok, range(len(HOSTILE_VOCAB)))
+    assert [texts[i] for i in range(8, len(HOSTILE_VOCAB))] == HOSTILE
     with pytest.raises(UsageError, match="outside the tokenizer's vocabulary"):
-        token_texts(tok, [len(VOCAB) + 3])
+        token_texts(tok, [len(HOSTILE_VOCAB) + 3])
 
 
 def test_errors_feature_range_other_model_and_width(crafted):
@@ -104,13 +104,13 @@ def test_errors_feature_range_other_model_and_width(crafted):
     with pytest.raises(UsageError, match=r"feature id 4, -1 out of range.*d_sae=4.*0 \.\. 3"):
         check_feature_ids([1, 4, -1], 4)
     store = load_store(c.store)
-    other = load_sae(identity_sae(c.tmp / "other", 4, model_sha="f" * 64))
-    with pytest.raises(UsageError, match="trained on model tiny.*ffffffff.*store holds.*000000"):
+    other = load_sae(relu_identity_sae(c.tmp / "other", 4, model_sha="f" * 64))
+    with pytest.raises(UsageError, match="trained on activations of model tiny .sha256 ffffffff.*collected from tiny .sha256 000000"):
         check_pair(other, store)
-    wide = load_sae(identity_sae(c.tmp / "wide", 6))
-    with pytest.raises(UsageError, match="width 4 in the store but the SAE has d_in=6"):
+    wide = load_sae(relu_identity_sae(c.tmp / "wide", 6))
+    with pytest.raises(UsageError, match="has d_in 6, but hook 'model.layers.0' of store .* has width 4"):
         check_pair(wide, store)
-    with pytest.raises(UsageError, match="hook 'model.layers.9' is not in the store"):
+    with pytest.raises(UsageError, match="reads hook 'model.layers.9', but store .* holds"):
         check_pair(load_sae(c.sae), store, "model.layers.9")
     sae = load_sae(c.sae)
     with pytest.raises(UsageError, match="not a row of store"):
@@ -131,7 +131,7 @@ def test_logit_lens_known_answer():
 
 
 def test_logit_lens_through_a_real_tiny_model():
-    from tests.helpers import tiny_llama
+    from tests.builders import tiny_llama
 
     model, _ = tiny_llama()
     gain = final_norm_gain(model)

@@ -18,7 +18,7 @@ planted dictionary.
 import pytest
 import torch
 
-from helpers_sae import PlantedDictionary, recovered_fraction, train_sae
+from tests.builders import PlantedDictionary, recovered_fraction, train_sae
 from saelab.saes import REGISTRY, make_sae
 
 CASES = [

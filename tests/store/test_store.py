@@ -18,42 +18,9 @@ import torch
 
 from saelab.errors import UsageError
 from saelab.store import ChunkInfo, ShardWriter, hook_key, load_store
+from tests.builders import ID_HOOK as HOOK, chunk_arrays, id_store as make_store, id_store_meta as make_meta
 
-HOOK = "model.layers.1"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_meta(**over) -> dict:
-    meta = dict(model={"spec": "tiny", "sha256": "m0", "architecture": "LlamaForCausalLM"},
-                hooks=[{"name": HOOK, "width": 4}], max_length=16,
-                tokenizer={"name": "tiny", "vocab_size": 256, "bos_id": 1, "eos_id": 2, "pad_id": 0},
-                corpus={"spec": "c", "fingerprint": "f0"}, keep_special=False, batch_size=2, chunk_tokens=8,
-                tokens_target=1000)
-    meta.update(over)
-    return meta
-
-
-def chunk_arrays(shard: int, index: int, n: int, width: int = 4, first_row: int = 0):
-    """Rows whose column 0 holds a global row id (exact in fp16 below 2048), tokens = id % 256."""
-    ids = np.arange(first_row, first_row + n)
-    x_ND = np.random.default_rng([shard, index]).standard_normal((n, width)).astype(np.float32)
-    x_ND[:, 0] = ids
-    seqpos_N2 = np.stack([np.full(n, shard), ids % 8], 1)  # sequence `shard` belongs to shard `shard`
-    return (ids % 256).astype(np.int32), seqpos_N2.astype(np.int32), {HOOK: x_ND}
-
-
-def make_store(root: Path, num_shards=2, chunks=(3, 3), rows=(5, 7, 6), finish=True) -> Path:
-    """A store whose rows carry their global row id (store order) in column 0."""
-    row = 0
-    for shard in range(num_shards):
-        with ShardWriter.open(root, make_meta(), shard, num_shards) as w:
-            for i in range(chunks[shard]):
-                n = rows[i % len(rows)]
-                w.write_chunk(*chunk_arrays(shard, i, n, first_row=row), sequences_done=i + 1, batches_done=i + 1)
-                row += n
-            if finish:
-                w.finish()
-    return root
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_hook_key_is_filename_safe():

@@ -5,63 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.testing import assert_close
 
 from saelab import metrics as M
 from saelab.errors import UsageError
 from saelab.evaluate import accumulate, downstream, evaluate_saes, summarise
-
-HOOK = "model.layers.0"
-
-
-def hand_sae(W_enc_DF, W_dec_FD, b_enc_F=None, b_dec_D=None, arch="relu", hook=HOOK, model_sha="sha-tiny", **kw):
-    """An SAE from saelab.saes with hand-set weights and the metadata training writes."""
-    from saelab.saes import REGISTRY
-
-    cls, cfg_cls = REGISTRY[arch]
-    d_in, d_sae = W_enc_DF.shape
-    sae = cls(cfg_cls(d_in=d_in, d_sae=d_sae, normalize_input=False, **kw))
-    with torch.no_grad():
-        sae.W_enc_DF.copy_(W_enc_DF)
-        sae.W_dec_FD.copy_(W_dec_FD)
-        sae.b_enc_F.copy_(b_enc_F if b_enc_F is not None else torch.zeros(d_sae))
-        sae.b_dec_D.copy_(b_dec_D if b_dec_D is not None else torch.zeros(d_in))
-    sae.metadata = {"hook": hook, "model": {"name": "tiny", "sha256": model_sha}}
-    return sae.eval()
-
-
-def identity_sae(d, **kw):
-    """x = relu(x) - relu(-x): exact reconstruction with d_sae = 2 d (any topk with k >= d too)."""
-    eye = torch.eye(d)
-    return hand_sae(torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0), **kw)
-
-
-def const_sae(d, b_dec_D, d_sae=4):
-    """Reconstructs every token as b_dec_D (no latent ever fires)."""
-    return hand_sae(torch.zeros(d, d_sae), torch.zeros(d_sae, d), b_enc_F=-torch.ones(d_sae), b_dec_D=b_dec_D)
-
-
-def make_store(root, x_ND, hook=HOOK, model_sha="sha-tiny", chunk=64):
-    from saelab.store import ShardWriter
-
-    x_ND = np.asarray(x_ND, dtype=np.float16)
-    n, d = x_ND.shape
-    meta = {
-        "model": {"spec": "tiny", "name": "tiny", "sha256": model_sha, "architecture": "LlamaForCausalLM",
-                  "num_layers": 2, "d_model": d},
-        "hooks": [{"name": hook, "width": d}],
-        "tokenizer": {"name": "tiny", "vocab_size": 256, "bos_id": 1, "eos_id": 2, "pad_id": 0},
-        "corpus": {"spec": "synthetic", "fingerprint": "0"}, "max_length": 16, "keep_special": False,
-        "batch_size": 1, "chunk_tokens": chunk, "tokens_target": n,
-    }
-    w = ShardWriter.open(root, meta, shard=0, num_shards=1)
-    for i in range(0, n, chunk):
-        rows = np.arange(i, min(i + chunk, n))
-        w.write_chunk(np.full(len(rows), 5, np.int32), np.stack([rows // 16, rows % 16], 1).astype(np.int32),
-                      {hook: x_ND[rows]}, sequences_done=int(rows[-1]) // 16 + 1, batches_done=i // chunk + 1)
-    w.finish()
-    return root
-
+from tests.builders import HOOK, MODEL_SHA, const_sae, hand_sae, identity_sae, store_from_rows as make_store
 
 def fp16_data(n=300, d=4, offset=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -193,7 +141,7 @@ def test_tiny_and_empty_splits_give_a_clear_message(tmp_path):
 
 def _sequences(n_seq=6, seq=16, seed=0):
     """Packed-sequence records as corpus.pack_sequences makes them: BOS first, padding at the end."""
-    from tests.helpers import BOS_ID, PAD_ID, random_ids
+    from tests.builders import BOS_ID, PAD_ID, random_ids
 
     ids = random_ids(n_seq, seq, seed=seed).numpy()
     ids[:, 0] = BOS_ID
@@ -208,7 +156,7 @@ def _sequences(n_seq=6, seq=16, seed=0):
 
 def test_identity_splice_gives_exactly_the_clean_loss():
     from saelab.models import token_losses
-    from tests.helpers import tiny_llama
+    from tests.builders import tiny_llama
 
     model, _ = tiny_llama()
     d = model.config.hidden_size
@@ -234,7 +182,7 @@ def test_identity_splice_gives_exactly_the_clean_loss():
 
 
 def test_splice_leaves_excluded_positions_alone():
-    from tests.helpers import tiny_llama
+    from tests.builders import tiny_llama
 
     model, _ = tiny_llama()
     d = model.config.hidden_size
@@ -286,11 +234,11 @@ def test_pareto_front_and_summary_text():
 
 def test_evaluate_downstream_with_model_and_corpus(tmp_path):
     from saelab.models import LoadedModel
-    from tests.helpers import make_text_corpus, tiny_llama
+    from tests.builders import make_text_corpus, tiny_llama
 
     model, tok = tiny_llama()
     d = model.config.hidden_size
-    loaded = LoadedModel(model=model, tokenizer=tok, info={"name": "tiny", "sha256": "sha-tiny"})
+    loaded = LoadedModel(model=model, tokenizer=tok, info={"name": "tiny", "sha256": MODEL_SHA})
     store = make_store(tmp_path / "store", fp16_data(n=80, d=d))
     corpus = make_text_corpus(tmp_path / "corpus", n_docs=4)
     res = evaluate_saes([identity_sae(d), const_sae(d, torch.zeros(d))], store, split="all", model=loaded,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from saelab.store.synthetic import make_synthetic_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(store: Path, out: Path, batch: int) -> list[str]:

@@ -10,7 +10,7 @@ from saelab.models import (
     HookPoint, capture, dir_sha256, file_sha256, layer_hook, layers_of, list_hook_points, load_model,
     resolve_hooks, splice, token_losses, tokenizer_info,
 )
-from tests.helpers import TINY_MODELS, random_ids, tiny_llama, tiny_tokenizer
+from tests.builders import TINY_MODELS, random_ids, tiny_llama, tiny_tokenizer
 
 ARCHS = sorted(TINY_MODELS)
 

@@ -18,55 +18,14 @@ from saelab.interpret.adapters import adapter_heatmap, adapter_heatmap_reference
 from saelab.models import capture, load_model, resolve_hooks
 from saelab.models.lora import LORA_TYPES, lora_patch, resolve_lora_hook
 from saelab.store import load_store
-from tests.helpers import make_text_corpus, random_ids, tiny_llama
+from tests.builders import make_adapter, make_text_corpus, random_ids, save_tiny_llama, tiny_llama
 
 ALL = "lora:gate,up,down,q,k,v,o"
 
 
-def _save_base(path: Path, **overrides) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if overrides:
-        _, tok = tiny_llama()
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg)
-    else:
-        model, tok = tiny_llama()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def make_adapter(base: Path, out: Path, targets=tuple(LORA_TYPES), rank: int = 2, only=None, seed: int = 1,
-                 **lora_kw) -> Path:
-    """A peft adapter on `base` with random A and B; with only=(layer, type) every other A is zero."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(base)
-    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                     target_modules=[LORA_TYPES[t].split(".")[-1] for t in targets], **lora_kw)
-    pm = get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            if only is not None and ".lora_A." in name:
-                layer, t = only
-                if f"layers.{layer}.{LORA_TYPES[t]}.lora_A" not in name:
-                    p.zero_()
-    pm.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    return _save_base(tmp_path_factory.mktemp("tiny_llama"))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +98,7 @@ def test_adapter_base_mismatch_names_shapes(tmp_path, base_dir):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "tiny-llama-64"
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    narrow = _save_base(tmp_path / "narrow", hidden_size=32)
+    narrow = save_tiny_llama(tmp_path / "narrow", hidden_size=32)
     with pytest.raises(UsageError) as e:
         load_model(str(narrow), adapter=str(adapter), quiet=True)
     msg = str(e.value)

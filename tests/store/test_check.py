@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from test_store import HOOK, chunk_arrays, make_meta, make_store
+from tests.builders import ID_HOOK as HOOK, chunk_arrays, id_store as make_store, id_store_meta as make_meta
 
 from saelab.cli import main
 from saelab.store import ShardWriter

@@ -10,7 +10,7 @@ from saelab.intervene import (
 )
 from saelab.models import capture, splice, token_losses
 from saelab.saes import TopKConfig, load_sae, make_sae
-from tests.helpers import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, random_ids, tiny_llama
+from tests.builders import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, random_ids, tiny_llama
 
 HOOK = "model.layers.0"
 

@@ -6,6 +6,7 @@ a planted inf stops the run naming the step, and memory stays bounded on a large
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from saelab.train import checkpoint as ck
 from saelab.cli import build_parser, main, rewrite_aliases
@@ -26,7 +27,7 @@ from saelab.train import TrainConfig, train
 from saelab.store.synthetic import make_synthetic_store
 from saelab.train.schedule import DeadTracker, lr_at, resample_dead_, sparsity_scale_at
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -406,7 +407,7 @@ def test_memory_is_bounded_by_the_shuffle_buffer(tmp_path):
 
 
 def test_stream_from_model_trains_and_resumes_the_stream_exactly(tmp_path):
-    from tests.helpers import make_text_corpus, tiny_llama
+    from tests.builders import make_text_corpus, tiny_llama
     from saelab.train import sources as td
 
     model, tok = tiny_llama()
@@ -428,3 +429,189 @@ def test_stream_from_model_trains_and_resumes_the_stream_exactly(tmp_path):
     meta = json.loads((res.final_dir / "metadata.json").read_text())
     assert meta["hook"] == "model.layers.1" and meta["model"]["d_model"] == 64
     assert res.steps == 12 and res.runs[0].final_metrics["val_l0"] == pytest.approx(4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NaN guards on the loss and the weights (the batch and gradient guards are tested above)
+
+
+def _one_run(arch="topk"):
+    from saelab.saes import REGISTRY, make_sae
+    from saelab.train.checkpoint import RunState
+
+    cfg_cls = REGISTRY[arch][1]
+    sae = make_sae(cfg_cls(d_in=8, d_sae=16, **({"k": 2} if arch in ("topk", "batchtopk") else {})))
+    sae.init_from_data_(torch.randn(256, 8))
+    return RunState("r", sae, torch.optim.Adam(sae.parameters(), lr=1e-3), DeadTracker(16, 5), Path("."), ".")
+
+
+def test_nan_loss_stops_before_the_optimizer_step(monkeypatch):
+    from saelab.train import step_
+
+    run = _one_run()
+    before = {k: v.clone() for k, v in run.sae.state_dict().items()}
+    real = run.sae.training_loss
+
+    def nan_loss(x, sparsity_scale=1.0):
+        out = real(x, sparsity_scale)
+        return out._replace(loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(run.sae, "training_loss", nan_loss)
+    with pytest.raises(RuntimeError, match=r"step 7: the loss of SAE r is nan .*stopped before the optimizer step\. kept Y"):
+        step_(run, torch.randn(32, 8), lr=1e-3, sparsity_scale=1.0, step=7, kept="kept Y")
+    for k, v in run.sae.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although the step was refused"
+    assert not run.optimizer.state, "Adam stepped"
+
+
+def test_nonfinite_weight_after_the_step_is_named(monkeypatch):
+    from saelab.train import step_
+
+    run = _one_run()
+    real_step = run.optimizer.step
+
+    def poisoned_step(*a, **k):
+        real_step(*a, **k)
+        with torch.no_grad():
+            run.sae.W_dec_FD[3, 1] = float("inf")
+
+    monkeypatch.setattr(run.optimizer, "step", poisoned_step)
+    with pytest.raises(RuntimeError, match=r"step 2: weight W_dec_FD of SAE r has 1 NaN/inf values after the "
+                                           r"optimizer step .*kept Z"):
+        step_(run, torch.randn(32, 8), lr=1e-3, sparsity_scale=1.0, step=2, kept="kept Z")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume reuses what was done: sweeps, BatchTopK's threshold, JumpReLU's state
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("batchtopk", dict(k=[2, 4])),                          # a sweep; the inference threshold is state
+    ("jumprelu", dict(k=None)),                             # log-threshold parameters and the L0 STE
+    ("topk", dict(k=[2], expansion_factor=[2, 3])),         # a sweep over widths
+])
+def test_interrupted_run_resumes_exactly_and_reuses_its_checkpoints(store, tmp_path, monkeypatch, arch, extra):
+    from saelab.train import loop
+
+    cfg = tiny_cfg(store, tmp_path / "full", architecture=arch, tokens=128 * 60, checkpoint_every=20,
+                   keep_checkpoints=0, eval_every=15, **extra)
+    full = train(cfg, quiet=True)
+    assert full.resumed_from == 0
+
+    real = ck.write_training_checkpoint
+
+    def crash_after_40(out, runs, step, *a, **kw):
+        path = real(out, runs, step, *a, **kw)
+        if step == 40:
+            raise _Crash
+        return path
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(loop.ck, "write_training_checkpoint", crash_after_40)
+    with pytest.raises(_Crash):
+        train(dataclasses.replace(cfg, out=str(cut)), quiet=True)
+    monkeypatch.setattr(loop.ck, "write_training_checkpoint", real)
+    kept = {d: (os.stat(d).st_ino, os.stat(d / "state" / "trainer.json").st_mtime_ns)
+            for d in (cut / "step_000020", cut / "step_000040")}
+
+    resumed = train(dataclasses.replace(cfg, out=str(cut), resume=True), quiet=True)
+    assert resumed.resumed_from == 40 and resumed.steps == full.steps == 60  # 20 steps ran, not 60
+    for d, stamp in kept.items():  # what was written before the interruption is read, not rewritten
+        assert (os.stat(d).st_ino, os.stat(d / "state" / "trainer.json").st_mtime_ns) == stamp
+    assert [r.name for r in resumed.runs] == [r.name for r in full.runs]
+    for a, b in zip(full.runs, resumed.runs):
+        for which in ("best_dir", "final_dir"):
+            x = load_file(str(getattr(a, which) / "model.safetensors"))
+            y = load_file(str(getattr(b, which) / "model.safetensors"))
+            assert x.keys() == y.keys()
+            for k in x:
+                assert torch.equal(x[k], y[k]), f"{a.name} {which} {k} differs after resume"
+    if arch == "batchtopk":  # the threshold estimated during training is part of what resumes
+        thr = load_file(str(resumed.runs[0].final_dir / "model.safetensors"))["threshold"]
+        assert float(thr) > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# DDP: two ranks give the same weights as one process on the same global batches
+
+
+def _ddp_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from saelab.train import step_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    run = _one_run("topk")
+    run.sae.init_from_data_(x_TND[0])
+    half = x_TND.shape[1] // world
+    for t, x_ND in enumerate(x_TND):
+        step_(run, x_ND[rank * half:(rank + 1) * half], lr=3e-3, sparsity_scale=1.0, step=t, world=world)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in run.sae.state_dict().items()}, f"{out_dir}/ddp.safetensors")
+        save_file({"steps_since_fired_F": run.dead.steps_since_fired_F}, f"{out_dir}/dead.safetensors")
+    dist.destroy_process_group()
+
+
+def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from saelab.train import step_
+
+    g = torch.Generator().manual_seed(3)
+    x_TND = torch.randn(12, 64, 8, generator=g)  # 12 steps of a global batch of 64 rows
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, x_TND, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    torch.manual_seed(0)
+    run = _one_run("topk")
+    run.sae.init_from_data_(x_TND[0])
+    for t, x_ND in enumerate(x_TND):
+        step_(run, x_ND, lr=3e-3, sparsity_scale=1.0, step=t)
+    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+    one = run.sae.state_dict()
+    moved = 0.0
+    for k, v in ddp.items():
+        torch.testing.assert_close(v, one[k], rtol=1e-5, atol=1e-6, msg=f"{k}: DDP and one process differ")
+        moved = max(moved, float((v - _one_run_init(x_TND)[k]).abs().max()))
+    assert moved > 1e-3, "the weights did not move: the test would pass for any two idle runs"
+    assert torch.equal(load_file(str(tmp_path / "dead.safetensors"))["steps_since_fired_F"],
+                       run.dead.steps_since_fired_F)
+
+
+def _one_run_init(x_TND):
+    torch.manual_seed(0)
+    run = _one_run("topk")
+    run.sae.init_from_data_(x_TND[0])
+    return run.sae.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planted-dictionary recovery through the command line
+
+
+def test_saelab_train_recovers_a_planted_dictionary(tmp_path):
+    """`saelab train` on a store of sparse sums of 64 known directions finds most of them."""
+    from saelab import load_sae
+    from saelab.store.synthetic import planted_directions
+    from tests.builders import recovered_fraction
+
+    root = make_synthetic_store(tmp_path / "s", d_in=32, n_tokens=48 * 1024, chunk_tokens=1024, n_features=64,
+                                active=3, seed=5)
+    rc = main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--quiet", "--architecture", "topk",
+               "--d-sae", "128", "--k", "3", "--batch-size", "256", "--tokens", str(256 * 600), "--lr", "4e-3",
+               "--eval-every", "0", "--checkpoint-every", "0", "--init-tokens", "4096", "--seed", "0"])
+    assert rc == 0
+    sae = load_sae(tmp_path / "run" / "sae_best")
+    dirs_FD = planted_directions(d_in=32, n_features=64, seed=5)
+    assert recovered_fraction(sae.W_dec_FD, dirs_FD) >= 0.8
+    assert recovered_fraction(torch.randn(128, 32), dirs_FD) < 0.1  # chance level of the same measure

@@ -12,7 +12,7 @@ from saelab.corpus import (
     BUILTINS, fetch_corpus, list_corpora, pack_sequences, resolve_corpus,
 )
 from saelab.errors import UsageError
-from tests.helpers import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, tiny_tokenizer
+from tests.builders import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, tiny_tokenizer
 
 
 @pytest.fixture
