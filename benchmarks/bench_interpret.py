@@ -58,7 +58,7 @@ def timed(fn) -> float:
 
 @torch.no_grad()
 def bare(sae, store, batch):
-    for _, x in iter_rows(store, HOOK, batch):
+    for _, x, _, _ in iter_rows(store, HOOK, batch):
         sae.encode(x)
 
 
@@ -66,7 +66,7 @@ def bare(sae, store, batch):
 def dense(sae, store, batch, k):
     v = torch.full((k, F), -math.inf)
     i = torch.full((k, F), -1, dtype=torch.int64)
-    for off, x in iter_rows(store, HOOK, batch):
+    for off, x, _, _ in iter_rows(store, HOOK, batch):
         v, i = topk_reference_(v, i, sae.encode(x), off)
 
 
@@ -74,7 +74,7 @@ def dense(sae, store, batch, k):
 def naive(sae, store, batch, k, max_batches):
     tops = [(torch.empty(0), torch.empty(0, dtype=torch.int64)) for _ in range(F)]
     rows = 0
-    for b, (off, x) in enumerate(iter_rows(store, HOOK, batch)):
+    for b, (off, x, _, _) in enumerate(iter_rows(store, HOOK, batch)):
         if b == max_batches:
             break
         f = sae.encode(x)

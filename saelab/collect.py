@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from saelab import __version__
 from saelab.config import group, grouped, to_dict
-from saelab.corpus import CorpusConfig, batch_sequences, open_corpus, pack_corpus
+from saelab.corpus import PACKING_RULE, CorpusConfig, batch_sequences, open_corpus, pack_corpus
 from saelab.errors import UsageError
 from saelab.models import ModelConfig, capture, layer_hook, load_model_from, resolve_hooks, tokenizer_info
 from saelab.models.lora import default_store_name, join_lora_specs, slices_json
 from saelab.store import ShardWriter, hook_key
 from saelab.store.check import verify_store
-from saelab.store.format import shard_target
+from saelab.store.format import OUTLIER_RATIO, shard_target
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,11 @@ class CollectConfig:
     """Hook points by module path with optional :input/:output, comma-separated (see `saelab hooks`)."""
     tokens: int = 1_000_000
     """Activations to store in total over all shards (accepts 10M, 500k)."""
-    chunk_tokens: int = 262_144
-    """Rows per chunk file (a chunk closes on the batch that reaches this)."""
+    chunk_tokens: int = 65_536
+    """Rows per chunk file (a chunk closes on the batch that reaches this). The train/val split is by
+    chunk, so a store needs two chunks to train on: 64k rows lets a 100k-token store have both."""
     batch_size: int = 8
-    """Sequences per forward pass."""
+    """Sequences (not tokens, unlike train's --batch-size) per forward pass."""
     shard: int = 0
     """This writer's shard index, 0 .. num_shards-1."""
     num_shards: int = 1
@@ -78,12 +79,17 @@ class CollectConfig:
     """Start this many local writer processes (one per shard) and wait for them."""
     verify: bool = False
     """Verify the whole store (sha256, NaN/inf, shapes) when collection ends."""
+    outlier_ratio: float = OUTLIER_RATIO
+    """Flag a stored row whose norm exceeds this many times the running median row norm (massive
+    activations); train, evaluate and splices leave flagged rows out unless --keep-outliers."""
 
     def __post_init__(self):
         self.hook = join_lora_specs(self.hook)  # --hook lora:gate,up,... arrives split on its commas
         if self.out is None:
             self.out = f"data/{default_store_name(self.hook) or 'run'}"
         problems = []
+        if not self.outlier_ratio > 1:
+            problems.append(f"--outlier-ratio must be > 1 (a multiple of the median row norm), got {self.outlier_ratio}")
         for name in ("tokens", "chunk_tokens", "batch_size", "num_shards", "parallel"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -118,8 +124,6 @@ class CollectResult:
 
 def run_meta(cfg: CollectConfig, loaded, hook_points, widths, corpus) -> dict:
     """The store-level manifest for this run (store.json)."""
-
-
     lora = [h for h in hook_points if hasattr(h, "slices")]
     return {
         "saelab_version": __version__,
@@ -128,7 +132,11 @@ def run_meta(cfg: CollectConfig, loaded, hook_points, widths, corpus) -> dict:
         "dtype": "float16",
         # named after the model, not the tokenizer's path (a cache path differs between machines)
         "tokenizer": dict(tokenizer_info(loaded.tokenizer), name=loaded.info.get("name")),
-        "corpus": {"spec": corpus.name, "fingerprint": corpus.fingerprint},
+        "corpus": {"spec": corpus.name, "fingerprint": corpus.fingerprint,
+                   "shuffle_documents": cfg.text.shuffle_documents,
+                   "document_seed": cfg.text.document_seed if cfg.text.shuffle_documents else None},
+        "packing": PACKING_RULE,
+        "outlier_ratio": cfg.outlier_ratio,
         "max_length": cfg.text.max_length,
         "keep_special": cfg.text.keep_special,
         "batch_size": cfg.batch_size,

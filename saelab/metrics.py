@@ -15,6 +15,9 @@ Reconstruction (raw, unnormalised activation space; sums over all N tokens):
     fvu      = sum_n ||x_n - x_hat_n||^2 / var_tot          (explained variance = 1 - fvu)
     cosine   = (1/N) sum_n <x_n, x_hat_n> / (||x_n|| ||x_hat_n||)    (0 where either norm is 0)
     rel_norm = (1/N) sum_n ||x_hat_n|| / ||x_n||
+    rel_error = (1/N) sum_n ||x_n - x_hat_n|| / ||x_n||      per-token relative error: each token
+               counts once whatever its norm, so a few massive rows cannot decide it (FVU sums
+               squared errors, so rows with 100x the median norm weigh 10^4x; report both)
 
 FVU is measured about the set's mean, not about zero: x_hat = mean_D gives fvu = 1 exactly, while
 x_hat = 0 gives 1 + N ||mean_D||^2 / var_tot, which is 1 only for centred data.
@@ -69,6 +72,8 @@ class ReconSums(NamedTuple):
     """sum_n cos(x_n, x_hat_n), float64 scalar."""
     sum_rel_norm: Tensor
     """sum_n ||x_hat_n|| / ||x_n||, float64 scalar."""
+    sum_rel_err: Tensor
+    """sum_n ||x_n - x_hat_n|| / ||x_n||, float64 scalar."""
 
 
 class Reconstruction(NamedTuple):
@@ -84,6 +89,8 @@ class Reconstruction(NamedTuple):
     """Per-token cosine similarity of x and x_hat, averaged over tokens."""
     rel_norm: float
     """Per-token ||x_hat|| / ||x||, averaged over tokens."""
+    rel_error: float
+    """Per-token ||x - x_hat|| / ||x||, averaged over tokens."""
 
 
 def recon_sums(x_BD: Tensor, x_hat_BD: Tensor) -> ReconSums:
@@ -104,6 +111,7 @@ def recon_sums(x_BD: Tensor, x_hat_BD: Tensor) -> ReconSums:
     dot_B = (x_BD.float() * x_hat_BD.float()).sum(-1)
     cos_B = torch.where((norm_x_B > 0) & (norm_xh_B > 0), dot_B / (norm_x_B * norm_xh_B).clamp_min(_EPS), 0.0)
     rel_B = norm_xh_B / norm_x_B.clamp_min(_EPS)
+    rel_err_B = err_B.sqrt() / norm_x_B.clamp_min(_EPS)
     return ReconSums(
         n=x_BD.shape[0],
         sum_x_D=x64_BD.sum(0),
@@ -111,7 +119,19 @@ def recon_sums(x_BD: Tensor, x_hat_BD: Tensor) -> ReconSums:
         sum_sq_err=err_B.double().sum(),
         sum_cos=cos_B.double().sum(),
         sum_rel_norm=rel_B.double().sum(),
+        sum_rel_err=rel_err_B.double().sum(),
     )
+
+
+def empty_recon(d: int) -> ReconSums:
+    """The sums of the empty set of width d."""
+    z = torch.zeros((), dtype=torch.float64)
+    return ReconSums(0, torch.zeros(d, dtype=torch.float64), *[z.clone() for _ in ReconSums._fields[2:]])
+
+
+def empty_sparsity(d_sae: int) -> SparsitySums:
+    """The sums of the empty set for d_sae latents."""
+    return SparsitySums(0, torch.zeros(d_sae, dtype=torch.int64), torch.zeros(d_sae + 1, dtype=torch.int64))
 
 
 def add_recon(a: ReconSums | None, b: ReconSums) -> ReconSums:
@@ -148,6 +168,7 @@ def reconstruction_metrics(s: ReconSums) -> Reconstruction:
         explained_variance=1.0 - fvu,
         cosine=float(s.sum_cos) / s.n,
         rel_norm=float(s.sum_rel_norm) / s.n,
+        rel_error=float(s.sum_rel_err) / s.n,
     )
 
 
@@ -155,6 +176,15 @@ def fvu(x_ND: Tensor, x_hat_ND: Tensor) -> Tensor:
     """FVU of a set held in memory: ||x - x_hat||^2 / ||x - mean(x)||^2 (the streamed `ReconSums`
     version is `reconstruction_metrics`; tests check one against the other)."""
     return (x_ND - x_hat_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def variance_share_of_top(dev_N: Tensor, fraction: float) -> float:
+    """Share of the total variance held by the top `fraction` of rows, given each row's squared
+    deviation from the set's mean dev_N = ||x_n - mean||^2 (at least one row counts)."""
+    if dev_N.numel() == 0 or float(dev_N.sum()) <= 0:
+        return 0.0
+    k = max(1, math.ceil(fraction * dev_N.numel()))
+    return float(dev_N.double().topk(k).values.sum() / dev_N.double().sum())
 
 
 def mean_activation(s: ReconSums) -> Tensor:

@@ -1,6 +1,7 @@
 """collect: model + corpus -> store, on tiny random models saved as local Hugging Face directories."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -74,7 +75,7 @@ def test_stored_rows_are_the_models_hidden_states(llama_dir, corpus_dir, tmp_pat
     from saelab.models import load_model
 
     loaded = load_model(str(llama_dir))
-    seqs = list(pack_sequences(resolve_corpus(str(corpus_dir)).documents(), loaded.tokenizer, 16,
+    seqs = list(pack_sequences(resolve_corpus(str(corpus_dir)).documents(0), loaded.tokenizer, 16,  # seed 0: the default
                                bos_id=BOS_ID, eos_id=2, pad_id=PAD_ID))
     ids = torch.tensor(np.stack([s.input_ids for s in seqs]))
     mask = torch.tensor(np.stack([s.attention_mask for s in seqs]))
@@ -90,6 +91,35 @@ def test_stored_rows_are_the_models_hidden_states(llama_dir, corpus_dir, tmp_pat
         torch.testing.assert_close(act, hs[sp[:, 0], sp[:, 1]].float(), atol=2e-3, rtol=2e-3)
         rows += len(tok)
     assert rows == int((ids != BOS_ID).logical_and(mask.bool()).sum())  # the corpus ran out: all of it
+
+
+def test_no_stored_row_sits_at_position_0_and_every_window_opens_with_bos(llama_dir, corpus_dir, tmp_path):
+    collect(cfg_for(llama_dir, corpus_dir, tmp_path / "s", tokens=400), quiet=True)
+    store = load_store(tmp_path / "s")
+    assert store.meta["packing"] == "bos-every-window"
+    assert store.meta["corpus"]["shuffle_documents"] is True and store.meta["corpus"]["document_seed"] == 0
+    pos = np.concatenate([store.read_seqpos(c)[:, 1] for c in store.chunks])
+    assert pos.min() == 1  # position 0 is BOS in every window, and BOS is never stored
+    collect(cfg_for(llama_dir, corpus_dir, tmp_path / "k", tokens=400, keep_special=True), quiet=True)
+    kept = load_store(tmp_path / "k")
+    first = [kept.read_tokens(c)[kept.read_seqpos(c)[:, 1] == 0] for c in kept.chunks]
+    assert (np.concatenate(first) == BOS_ID).all() and sum(map(len, first)) > 1
+
+
+def test_a_store_of_the_old_packing_rule_is_read_but_not_appended_to(llama_dir, corpus_dir, tmp_path, caplog):
+    cfg = cfg_for(llama_dir, corpus_dir, tmp_path / "s", tokens=100)
+    collect(cfg, quiet=True)
+    sj = tmp_path / "s" / "store.json"
+    meta = json.loads(sj.read_text())
+    del meta["packing"]  # as written by a saelab before windows started with BOS
+    sj.write_text(json.dumps(meta))
+    before = store_digest(tmp_path / "s")
+    with pytest.raises(UsageError, match="old packing rule.*not appended to.*new --out"):
+        collect(dataclasses.replace(cfg, tokens=300), quiet=True)
+    assert store_digest(tmp_path / "s") == before  # nothing written, nothing removed
+    with caplog.at_level("WARNING"):
+        assert load_store(tmp_path / "s").num_tokens > 0
+    assert "old rule" in caplog.text
 
 
 def test_token_target_and_keep_special(llama_dir, corpus_dir, tmp_path):

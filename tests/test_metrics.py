@@ -64,7 +64,7 @@ def test_streaming_fvu_is_accurate_with_a_large_mean():
 
 def test_reconstruction_refuses_empty_and_constant_sets():
     with pytest.raises(ValueError, match="empty"):
-        M.reconstruction_metrics(M.ReconSums(0, torch.zeros(2, dtype=torch.float64), *[torch.zeros((), dtype=torch.float64)] * 4))
+        M.reconstruction_metrics(M.empty_recon(2))
     x = torch.ones(5, 3)
     with pytest.raises(ValueError, match="do not vary"):
         _recon(x, x)

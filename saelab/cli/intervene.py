@@ -82,6 +82,7 @@ def effect_table(eff) -> str:
         f"loss clean {eff.loss_clean:.4f}  edited {eff.loss_edited:.4f}  "
         f"delta {d.estimate:+.4f}  95% CI [{d.low:+.4f}, {d.high:+.4f}] (bootstrap over sequences)",
         f"KL(clean || edited) {eff.kl:.5f} nats/token",
+        f"left unedited: BOS positions, and {eff.left_outliers:,} massive-activation positions (--keep-outliers edits them)",
         "",
         f"{'probability rose':<34}{'probability fell':<34}",
         f"{'token':<16}{'delta':>9}{'clean':>9}  {'token':<16}{'delta':>9}{'clean':>9}",
@@ -120,7 +121,7 @@ def run(cfg: InterveneConfig, args: argparse.Namespace) -> int:
         seqs = pack_corpus(open_corpus(cfg.text), lm.tokenizer, tokenizer_info(lm.tokenizer), cfg.text)
         eff = measure_effect(lm.model, edits, seqs, keep_error=cfg.keep_error, max_tokens=cfg.tokens,
                              batch_size=cfg.batch_size, tokenizer=lm.tokenizer, top_tokens=cfg.top_tokens,
-                             n_boot=cfg.n_boot, seed=cfg.seed, quiet=args.quiet)
+                             n_boot=cfg.n_boot, seed=cfg.seed, quiet=args.quiet, keep_outliers=cfg.keep_outliers)
         print()
         print(effect_table(eff))
     if cfg.prompt:

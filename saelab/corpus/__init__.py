@@ -10,9 +10,10 @@ Leaves out: model loading (the tokenizer is passed in; no `transformers` import 
 """
 from saelab.corpus.builtin import BUILTINS, Builtin, CorpusStatus, builtin_path, fetch_corpus, list_corpora
 from saelab.corpus.config import CorpusConfig
-from saelab.corpus.packing import PackedSequence, SequenceBatch, batch_sequences, pack_corpus, pack_sequences
+from saelab.corpus.packing import (PACKING_RULE, PackedSequence, SequenceBatch, batch_sequences, pack_corpus,
+                                   pack_sequences)
 from saelab.corpus.readers import Corpus, open_corpus, resolve_corpus
 
-__all__ = ["BUILTINS", "Builtin", "Corpus", "CorpusConfig", "CorpusStatus", "PackedSequence", "SequenceBatch",
-           "batch_sequences", "builtin_path", "fetch_corpus", "list_corpora", "open_corpus", "pack_corpus",
-           "pack_sequences", "resolve_corpus"]
+__all__ = ["BUILTINS", "PACKING_RULE", "Builtin", "Corpus", "CorpusConfig", "CorpusStatus", "PackedSequence",
+           "SequenceBatch", "batch_sequences", "builtin_path", "fetch_corpus", "list_corpora", "open_corpus",
+           "pack_corpus", "pack_sequences", "resolve_corpus"]

@@ -21,7 +21,6 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-
 from saelab.errors import UsageError, did_you_mean
 from saelab.paths import saelab_home
 

@@ -1,7 +1,7 @@
 """`CorpusConfig`: which text to read and how to pack it, shared by every stage that reads a corpus.
 
 Embedded with `saelab.config.group(CorpusConfig, ...)`, its fields are the flags `--corpus`,
-`--text-field`, `--text-template`, `--max-length`, `--keep-special` of collect, train (streaming),
+`--text-field`, `--text-template`, `--max-length`, `--keep-special`, `--shuffle-documents`, `--document-seed` of collect, train (streaming),
 evaluate, intervene and lora-finetune, each stage with its own defaults.
 """
 from __future__ import annotations
@@ -25,6 +25,11 @@ class CorpusConfig:
     """Tokens per packed sequence (BOS/EOS between documents)."""
     keep_special: bool = False
     """Also use BOS and padding positions (left out by default: their activations are outliers)."""
+    shuffle_documents: bool = True
+    """Read the documents in a seeded random order, so a token budget samples the whole corpus (the
+    built-in corpora are grouped: champ-cot holds ~90 replies per problem in a row)."""
+    document_seed: int = 0
+    """Seed of that order."""
 
     def __post_init__(self) -> None:
         problems = []

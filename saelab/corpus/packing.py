@@ -1,12 +1,20 @@
 """Packing documents into fixed-length token windows: `pack_sequences` and `batch_sequences`.
 
-The token stream
+Rule `bos-every-window` (PACKING_RULE, recorded in store.json): the token stream
 
     stream = [BOS] doc_0 [EOS] [BOS] doc_1 [EOS] ...
 
-is cut into windows of `max_length`; window i = stream[i*max_length : (i+1)*max_length], the last
-one right-padded with PAD (attention_mask 0). keep_mask marks the positions whose activations are
-worth storing: not BOS, not padding (their activations are huge outliers), unless keep_special.
+is cut into windows of `max_length` that each start with BOS, as every text a deployed model reads
+does:
+
+    window_i = [BOS] + the next max_length - 1 stream tokens      (a stream BOS that would open the
+                                                                    window is the window's BOS)
+
+so a document continues across windows after a fresh BOS; the last window is right-padded with PAD
+(attention_mask 0). Without it, a window that starts mid-document turns its first token into an
+attention sink whose activation is ~100x the median norm. keep_mask marks the positions whose
+activations are stored: not BOS, not padding, unless keep_special. A tokenizer without a BOS uses
+its EOS in that place (`models.tokenizer_info` falls back to it), the usual document separator.
 Tokenises lazily, a few documents at a time. The tokenizer is passed in (no `transformers` here).
 """
 from __future__ import annotations
@@ -21,6 +29,10 @@ import numpy as np
 import torch
 
 from saelab.errors import UsageError
+
+PACKING_RULE = "bos-every-window"
+"""The packing rule's name in store.json (`packing`); stores without it were packed with BOS only at
+document starts and are read with a warning, never appended to."""
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +123,27 @@ def pack_sequences(documents: Iterable[str], tokenizer, max_length: int, bos_id:
     bos_flags: list[bool] = []
     index = 0
 
-    def window(n_real: int) -> PackedSequence:
+    def window() -> PackedSequence:
+        if bos_flags and bos_flags[0]:  # the stream's own BOS opens this window
+            del buf[0], bos_flags[0]
+        n_real = 1 + min(len(buf), max_length - 1)
+        ids = [bos_id] + buf[: n_real - 1]
+        flags = [True] + bos_flags[: n_real - 1]
+        del buf[: n_real - 1], bos_flags[: n_real - 1]
         input_ids = np.full(max_length, pad_id, dtype=np.int32)
-        input_ids[:n_real] = buf[:n_real]
+        input_ids[:n_real] = ids
         attention_mask = np.zeros(max_length, dtype=np.int32)
         attention_mask[:n_real] = 1
         if keep_special:
             keep_mask = np.ones(max_length, dtype=bool)
         else:
             keep_mask = attention_mask.astype(bool)
-            keep_mask[:n_real] &= ~np.asarray(bos_flags[:n_real], dtype=bool)
-        del buf[:n_real], bos_flags[:n_real]
+            keep_mask[:n_real] &= ~np.asarray(flags, dtype=bool)
         return PackedSequence(index=index, input_ids=input_ids, attention_mask=attention_mask,
                               keep_mask=keep_mask)
+
+    def full() -> bool:  # enough stream for a whole window after its BOS
+        return len(buf) - (1 if bos_flags and bos_flags[0] else 0) >= max_length - 1
 
     for ids in _token_lists(documents, tokenizer):
         buf.append(bos_id)
@@ -131,11 +151,11 @@ def pack_sequences(documents: Iterable[str], tokenizer, max_length: int, bos_id:
         buf.append(eos_id)
         bos_flags.append(True)
         bos_flags.extend([False] * (len(ids) + 1))
-        while len(buf) >= max_length:
-            yield window(max_length)
+        while full():
+            yield window()
             index += 1
-    if buf:
-        yield window(len(buf))
+    if any(not f for f in bos_flags):  # real tokens left: one last, padded window
+        yield window()
         index += 1
     if index == 0:
         raise UsageError("the corpus holds no text: every document is empty. Check --corpus "
@@ -145,5 +165,6 @@ def pack_sequences(documents: Iterable[str], tokenizer, max_length: int, bos_id:
 def pack_corpus(corpus, tokenizer, special: dict, cfg) -> Iterator[PackedSequence]:
     """`pack_sequences` of a corpus with the packing of a CorpusConfig (`max_length`, `keep_special`)
     and the special ids of `special` (`models.tokenizer_info` or a store's `tokenizer` entry)."""
-    return pack_sequences(corpus.documents(), tokenizer, cfg.max_length, bos_id=special["bos_id"],
+    docs = corpus.documents(cfg.document_seed if cfg.shuffle_documents else None)
+    return pack_sequences(docs, tokenizer, cfg.max_length, bos_id=special["bos_id"],
                           eos_id=special["eos_id"], pad_id=special["pad_id"], keep_special=cfg.keep_special)

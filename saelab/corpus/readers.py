@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 
 from saelab.corpus.builtin import BUILTINS, builtin_path
 from saelab.corpus.config import CorpusConfig
@@ -35,10 +36,19 @@ class Corpus:
     """sha256 of the sources' names and contents plus the reading options; equal across runs and
     machines for the same data."""
     _read: Callable[[], Iterator[str]] = dataclasses.field(repr=False, compare=False)
+    _read_shuffled: Callable[[int], Iterator[str]] | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    def documents(self) -> Iterator[str]:
-        """The documents, always in the same order."""
-        return self._read()
+    def documents(self, shuffle_seed: int | None = None) -> Iterator[str]:
+        """The documents in file order, or (shuffle_seed given) in a seeded random order: a
+        permutation of all of them for local corpora, a bounded shuffle buffer for streamed hf: ones.
+        Built-in corpora are grouped (champ-cot holds ~90 replies per problem in a row), so a token
+        budget read in file order would see few of its problems."""
+        if shuffle_seed is None:
+            return self._read()
+        if self._read_shuffled is None:
+            docs = list(self._read())
+            return iter([docs[i] for i in np.random.default_rng(shuffle_seed).permutation(len(docs))])
+        return self._read_shuffled(shuffle_seed)
 
 
 _CONTENT_HASHES: dict[tuple[str, int, int], str] = {}
@@ -84,19 +94,44 @@ def _record_text(record: dict, text_field: str, template: str | None, where: str
     return "" if value is None else str(value)
 
 
+def _read_txt_shuffled(files: list[Path], seed: int) -> Iterator[str]:
+    return _read_txt([files[i] for i in np.random.default_rng(seed).permutation(len(files))])
+
+
+def _jsonl_record(line: bytes | str, lineno: int, path: Path, text_field: str, template: str | None) -> str:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"line {lineno} of {path} is not valid JSON ({e}). Each line of a "
+                         ".jsonl corpus must be one JSON object.") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"line {lineno} of {path} is a {type(record).__name__}, not a JSON object.")
+    return _record_text(record, text_field, template, f"line {lineno} of {path}")
+
+
 def _read_jsonl(path: Path, text_field: str, template: str | None) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"line {lineno} of {path} is not valid JSON ({e.msg}). Each line of a "
-                                 ".jsonl corpus must be one JSON object.") from None
-            if not isinstance(record, dict):
-                raise UsageError(f"line {lineno} of {path} is a {type(record).__name__}, not a JSON object.")
-            yield _record_text(record, text_field, template, f"line {lineno} of {path}")
+            if line.strip():
+                yield _jsonl_record(line, lineno, path, text_field, template)
+
+
+def _read_jsonl_shuffled(path: Path, text_field: str, template: str | None, seed: int) -> Iterator[str]:
+    """A seeded permutation of the records: one pass indexes each non-empty line's byte offset
+    (8 bytes a document), then lines are read by seeking."""
+    offsets, linenos = [], []
+    with open(path, "rb") as f:
+        pos, lineno = 0, 0
+        for line in f:
+            lineno += 1
+            if line.strip():
+                offsets.append(pos)
+                linenos.append(lineno)
+            pos += len(line)
+    with open(path, "rb") as f:
+        for i in np.random.default_rng(seed).permutation(len(offsets)):
+            f.seek(offsets[i])
+            yield _jsonl_record(f.readline(), linenos[i], path, text_field, template)
 
 
 def _read_parquet(path: Path, text_field: str, template: str | None) -> Iterator[str]:
@@ -115,7 +150,7 @@ def _read_parquet(path: Path, text_field: str, template: str | None) -> Iterator
             yield _record_text(record, text_field, template, f"row {row} of {path}")
 
 
-def _read_hf(name: str, split: str, text_field: str, template: str | None) -> Iterator[str]:
+def _read_hf(name: str, split: str, text_field: str, template: str | None, seed: int | None = None) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
@@ -128,6 +163,8 @@ def _read_hf(name: str, split: str, text_field: str, template: str | None) -> It
             ds = ds[split]
     else:
         ds = datasets.load_dataset(name, split=split, streaming=True)
+    if seed is not None:  # a local dataset is permuted; a streamed one goes through a 10k-record buffer
+        ds = ds.shuffle(seed=seed) if isinstance(ds, datasets.Dataset) else ds.shuffle(seed=seed, buffer_size=10_000)
     for i, record in enumerate(ds):
         yield _record_text(record, text_field, template, f"record {i} of hf:{name}")
 
@@ -159,7 +196,8 @@ def resolve_corpus(spec: str = "sotu", text_field: str = "text", text_template: 
         split = split or "train"
         fp = hashlib.sha256(json.dumps({"hf": name, "split": split, **options}, sort_keys=True).encode())
         return Corpus(name=name, spec=spec, fingerprint=fp.hexdigest(),
-                      _read=lambda: _read_hf(name, split, text_field, template))
+                      _read=lambda: _read_hf(name, split, text_field, template),
+                      _read_shuffled=lambda s: _read_hf(name, split, text_field, template, s))
     if spec in BUILTINS:
         path = builtin_path(spec)
         if not path.exists():
@@ -181,20 +219,22 @@ def resolve_corpus(spec: str = "sotu", text_field: str = "text", text_template: 
                              "in it, or pass a .jsonl / .parquet file.")
         return Corpus(name=path.resolve().name, spec=spec,
                       fingerprint=_fingerprint(files, path, {"format": "txt-folder"}),
-                      _read=lambda: _read_txt(files))
+                      _read=lambda: _read_txt(files), _read_shuffled=lambda s: _read_txt_shuffled(files, s))
     if path.stat().st_size == 0:
         raise UsageError(f"corpus file {path} is empty. Pass a file with text in it.")
     suffix = path.suffix.lower()
-    readers = {
-        ".txt": (lambda: _read_txt([path]), {"format": "txt"}),
-        ".jsonl": (lambda: _read_jsonl(path, text_field, template), {"format": "jsonl", **options}),
-        ".parquet": (lambda: _read_parquet(path, text_field, template), {"format": "parquet", **options}),
+    readers = {  # (in order, shuffled (None: permute in memory), fingerprint options)
+        ".txt": (lambda: _read_txt([path]), lambda s: _read_txt([path]), {"format": "txt"}),
+        ".jsonl": (lambda: _read_jsonl(path, text_field, template),
+                   lambda s: _read_jsonl_shuffled(path, text_field, template, s), {"format": "jsonl", **options}),
+        ".parquet": (lambda: _read_parquet(path, text_field, template), None, {"format": "parquet", **options}),
     }
     if suffix not in readers:
         raise UsageError(f"corpus file {path} has an unknown format {suffix or '(no suffix)'}: expected "
                          ".txt, .jsonl or .parquet, or a folder of .txt files.")
-    read, opts = readers[suffix]
-    return Corpus(name=path.name, spec=spec, fingerprint=_fingerprint([path], path, opts), _read=read)
+    read, shuffled, opts = readers[suffix]
+    return Corpus(name=path.name, spec=spec, fingerprint=_fingerprint([path], path, opts), _read=read,
+                  _read_shuffled=shuffled)
 
 
 def open_corpus(cfg: CorpusConfig) -> Corpus:

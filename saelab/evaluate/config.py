@@ -39,6 +39,8 @@ class EvalConfig:
     """Directory for eval.json, eval.md and the PNGs (default: no files)."""
     eval_tokens: int = 8192
     """Token predictions to average the downstream loss over."""
+    keep_outliers: bool = False
+    """Also measure rows collect flagged as massive activations, and splice at such positions."""
     seq_batch: int = 4
     """Sequences (not tokens, unlike --batch-size) per forward pass in the downstream evaluation."""
 

@@ -24,12 +24,15 @@ from saelab import plots
 log = logging.getLogger(__name__)
 
 # (header, field, format) of the comparison table; a None value prints as "-".
+# Metrics outliers cannot dominate lead: per-token relative error, then the downstream numbers.
 COLUMNS = [
     ("SAE", "name", "{}"), ("arch", "architecture", "{}"), ("hook", "hook", "{}"), ("d_sae", "d_sae", "{:,}"),
-    ("L0", "l0", "{:.1f}"), ("MSE", "mse", "{:.4g}"), ("FVU", "fvu", "{:.4f}"), ("cos", "cosine", "{:.4f}"),
+    ("L0", "l0", "{:.1f}"), ("rel err", "rel_error", "{:.3f}"), ("CE rec.", "ce_recovered", "{:.4f}"),
+    ("KL", "kl", "{:.4f}"), ("FVU", "fvu", "{:.4f}"), ("FVU all", "fvu_with_outliers", "{:.4f}"),
+    ("MSE", "mse", "{:.4g}"), ("cos", "cosine", "{:.4f}"),
     ("rel norm", "rel_norm", "{:.3f}"), ("dead %", "dead_frac", "{:.1%}"), ("dense %", "dense_frac", "{:.1%}"),
     ("max cos", "max_cos_mean", "{:.3f}"), ("CE clean", "ce_clean", "{:.4f}"), ("CE SAE", "ce_sae", "{:.4f}"),
-    ("CE zero", "ce_zero", "{:.4f}"), ("CE rec.", "ce_recovered", "{:.4f}"), ("KL", "kl", "{:.4f}"),
+    ("CE zero", "ce_zero", "{:.4f}"),
 ]
 
 
@@ -66,6 +69,27 @@ def summary_text(results) -> str:
     return "\n".join(lines)
 
 
+def _lead(r) -> str:
+    """The sentence eval.md opens with, per SAE: the numbers a handful of outlier rows cannot move."""
+    s = f"- **{r.name}**: per-token relative error **{r.rel_error:.3f}**"
+    if r.ce_recovered is not None:
+        s += (f", CE loss recovered **{r.ce_recovered:.3f}** (KL {r.kl:.4f} nats/token over "
+              f"{r.downstream_tokens:,} predictions; {r.downstream_left or 0:,} positions left unedited as massive "
+              "activations)")
+    return s + f"; FVU {r.fvu:.4f} ({r.fvu_with_outliers:.4f} with the {r.flagged:,} flagged rows), L0 {r.l0:.1f}."
+
+
+def save_error_by_position(path: Path, r) -> Path:
+    """Mean per-token relative error at each position of the packed window (position 0 is BOS)."""
+    fig, ax = plots.figure(6, 3.5)
+    ys = [math.nan if v is None else v for v in r.rel_error_by_position]
+    ax.plot(range(len(ys)), ys, lw=1)
+    ax.set_xlabel("position in the window")
+    ax.set_ylabel("relative error ||x - x_hat|| / ||x||")
+    ax.set_title(f"Reconstruction error by position: {r.name}")
+    return plots.save(fig, path)
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "sae"
 
@@ -94,6 +118,8 @@ def write_outputs(results, out: str | Path, context: dict | None = None) -> dict
         edges = [k - 0.5 for k in range(len(r.l0_hist) + 1)]
         files[f"{r.name}/l0"] = plots.save_histogram(sub / "l0_hist.png", edges, r.l0_hist, f"L0 per token: {r.name}",
                                                      "active latents", ylabel="tokens")
+        if r.rel_error_by_position:
+            files[f"{r.name}/position"] = save_error_by_position(sub / "error_by_position.png", r)
     if len(results) > 1:
         files["density"] = plots.save_feature_density(d / "feature_density.png", [r.density_hist for r in results],
                                                        [r.name for r in results])
@@ -112,6 +138,10 @@ def write_outputs(results, out: str | Path, context: dict | None = None) -> dict
     ctx = context or {}
     md.append(f"Store `{ctx.get('store', '?')}`, split `{ctx.get('split', '?')}`, "
               f"{results[0].n_tokens:,} tokens per SAE.")
+    md += [""] + [_lead(r) for r in results] + [""]
+    md.append("*rel err* is the per-token relative error ||x - x_hat|| / ||x|| averaged over tokens: each token "
+              "counts once, so a few massive rows cannot decide it. FVU sums squared errors over the rows used; "
+              "*FVU all* also counts the rows collect flagged as massive activations.")
     if ctx.get("model"):
         model = ctx["model"]
         md.append(f"Downstream: model `{model.get('name', model) if isinstance(model, dict) else model}`, corpus "
@@ -127,9 +157,12 @@ def write_outputs(results, out: str | Path, context: dict | None = None) -> dict
         md += ["", f"## {r.name}", "", f"`{r.path or '(in memory)'}`: {r.architecture}, hook `{r.hook}`, "
                f"d_in {r.d_in}, d_sae {r.d_sae:,}. Dead {r.dead:,}, dense {r.dense:,}; decoder norms "
                f"{r.decoder_norm_min:.3f} .. {r.decoder_norm_max:.3f}; max cosine to another direction "
-               f"{r.max_cos_max:.3f}; explained variance {r.explained_variance:.4f}.",
+               f"{r.max_cos_max:.3f}; explained variance {r.explained_variance:.4f}. Rows flagged as massive "
+               f"activations: {r.flagged:,}; variance held by the top 0.1% / 0.5% / 1% of rows used: "
+               + " / ".join(f"{100 * v:.1f}%" for v in r.variance_share_top.values()) + ".",
                "", f"![density]({slug}/feature_density.png) ![max cos]({slug}/max_cos.png) "
-               f"![L0]({slug}/l0_hist.png)"]
+               f"![L0]({slug}/l0_hist.png)" + (f" ![error by position]({slug}/error_by_position.png)"
+                                                 if r.rel_error_by_position else "")]
         if r.ce_sae is not None:
             md.append(f"\nCE mean-ablated {_fmt(r.ce_mean, '{:.4f}')}, recovered vs mean-ablation "
                       f"{_fmt(r.ce_recovered_mean, '{:.4f}')}.")

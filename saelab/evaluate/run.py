@@ -22,7 +22,7 @@ from saelab.corpus import open_corpus, pack_sequences, resolve_corpus
 from saelab.errors import UsageError, raise_all
 from saelab.evaluate.config import EvalConfig
 from saelab.evaluate.downstream import downstream
-from saelab.evaluate.reconstruction import EvalResult, accumulate, store_batches, summarise
+from saelab.evaluate.reconstruction import EvalResult, accumulate, mean_of_rows, store_batches, summarise
 from saelab.evaluate.report import write_outputs
 from saelab.models import load_model
 from saelab.provenance import (model_problems, resolve_sae_hook, sae_meta, store_model_problems, store_problems,
@@ -89,7 +89,7 @@ def _load_saes(saes: Sequence, device: str) -> tuple[list, list[str], list[str]]
 def evaluate_saes(saes: Sequence, store, split: str = "val", tokens: int | None = None, batch_size: int = 4096,
              model=None, corpus=None, eval_tokens: int = 8192, seq_batch: int = 4, out: str | Path | None = None,
              device: str = "cpu", quiet: bool = False, adapter: str | Path | None = None,
-             dtype: str = "float32") -> list[EvalResult]:
+             dtype: str = "float32", keep_outliers: bool = False, shuffle_seed: int | None = None) -> list[EvalResult]:
     """Evaluate SAEs (directories or objects) on a store and, with a model and corpus, on the model's
     next-token loss. `evaluate(cfg)` is the same from an EvalConfig.
 
@@ -102,6 +102,8 @@ def evaluate_saes(saes: Sequence, store, split: str = "val", tokens: int | None 
         adapter: peft LoRA adapter directory loaded on top of a model spec (`load_model(adapter=)`).
         corpus: a corpus spec for `resolve_corpus`, or an object with `.documents()`.
         out: write eval.json, eval.md and PNGs here.
+        keep_outliers: also use the rows (and splice the positions) flagged as massive activations.
+        shuffle_seed: read the corpus's documents in this seeded order (None: file order).
     Returns:
         One EvalResult per SAE, in the order given.
     Raises:
@@ -128,25 +130,28 @@ def evaluate_saes(saes: Sequence, store, split: str = "val", tokens: int | None 
     means: dict[str, torch.Tensor] = {}
     for (hook, val_fraction, seed), idx in groups.items():
         log.info("evaluating %d SAE(s) on %s, split %s", len(idx), hook, split)
-        batches = store_batches(st, hook, split, batch_size, val_fraction=val_fraction, seed=seed)
-        sums = accumulate([objs[i] for i in idx], batches, tokens, device=device, quiet=quiet,
-                          desc=f"evaluate {hook}")
-        for i, (recon, sparsity) in zip(idx, sums):
-            results[i] = summarise(names[i], paths[i], objs[i], hook, split, recon, sparsity)
+        mean_D = mean_of_rows(store_batches(st, hook, split, batch_size, val_fraction, seed), tokens, keep_outliers)
+        batches = store_batches(st, hook, split, batch_size, val_fraction, seed, positions=True)
+        sums, rows = accumulate([objs[i] for i in idx], batches, tokens, device=device, quiet=quiet,
+                                desc=f"evaluate {hook}", keep_outliers=keep_outliers, mean_D=mean_D)
+        _report_rows(hook, split, rows, keep_outliers)
+        for i, s in zip(idx, sums):
+            results[i] = summarise(names[i], paths[i], objs[i], hook, split, s, rows)
         by_hook.setdefault(hook, []).extend(idx)
-        means.setdefault(hook, M.mean_activation(sums[0][0]))
+        means.setdefault(hook, M.mean_activation(sums[0].recon))
 
     if loaded is not None:
-        seqs = _eval_sequences(corpus, loaded.tokenizer, st.meta)
+        seqs = _eval_sequences(corpus, loaded.tokenizer, st.meta, shuffle_seed)
+        limits = {h: None if keep_outliers else outlier_limit(st, h) for h in by_hook}
         d = downstream(loaded.model, seqs, {h: [objs[i] for i in idx] for h, idx in by_hook.items()}, means,
-                       max_tokens=eval_tokens, seq_batch=seq_batch, quiet=quiet)
+                       max_tokens=eval_tokens, seq_batch=seq_batch, quiet=quiet, limits=limits)
         for hook, idx in by_hook.items():
             for i, (ce_sae, kl) in zip(idx, d["sae"][hook]):
                 r = results[i]
                 r.ce_clean, r.ce_sae, r.ce_zero, r.ce_mean = d["clean"], ce_sae, d["zero"][hook], d["mean"][hook]
                 r.ce_recovered = M.ce_loss_recovered(d["clean"], ce_sae, d["zero"][hook])
                 r.ce_recovered_mean = M.ce_loss_recovered(d["clean"], ce_sae, d["mean"][hook])
-                r.kl, r.downstream_tokens = kl, d["n"]
+                r.kl, r.downstream_tokens, r.downstream_left = kl, d["n"], d["left"][hook]
     final = [r for r in results if r is not None]
     if out is not None:
         write_outputs(final, out, context={"store": store_path, "split": split,
@@ -162,7 +167,8 @@ def evaluate(cfg: EvalConfig, quiet: bool = False) -> list[EvalResult]:
     return evaluate_saes(cfg.sae, cfg.data, split=cfg.split, tokens=cfg.tokens, batch_size=cfg.batch_size,
                          model=cfg.lm.model, corpus=open_corpus(cfg.text) if cfg.text.corpus else None,
                          eval_tokens=cfg.eval_tokens, seq_batch=cfg.seq_batch, out=cfg.out, device=cfg.lm.device,
-                         quiet=quiet, adapter=cfg.lm.adapter, dtype=cfg.lm.dtype)
+                         quiet=quiet, adapter=cfg.lm.adapter, dtype=cfg.lm.dtype, keep_outliers=cfg.keep_outliers,
+                         shuffle_seed=cfg.text.document_seed if cfg.text.shuffle_documents else None)
 
 
 def _open_store(store):
@@ -181,10 +187,33 @@ def _load_model(model, device: str, quiet: bool, adapter=None, dtype: str = "flo
                       adapter=None if adapter is None else str(adapter))
 
 
-def _eval_sequences(corpus, tokenizer, store_meta: dict) -> Iterator:
+def outlier_limit(st, hook: str) -> float | None:
+    """The norm above which a position counts as a massive activation: the store's outlier ratio times
+    its median row norm (None for a store that records neither)."""
+    med, ratio = st.norm_median(hook), st.meta.get("outlier_ratio")
+    return None if med is None or ratio is None else float(ratio) * med
+
+
+CONCENTRATION = 0.5
+"""Warn when the top 1% of rows hold more than this share of the variance."""
+
+
+def _report_rows(hook: str, split: str, rows, keep_outliers: bool) -> None:
+    if rows.flagged:
+        log.info("%s, split %s: %d row(s) flagged as massive activations %s", hook, split, rows.flagged,
+                 "kept (--keep-outliers)" if keep_outliers else "left out (--keep-outliers keeps them)")
+    share = M.variance_share_of_top(rows.dev_N, 0.01)
+    if share > CONCENTRATION:
+        log.warning("%s, split %s: the top 1%% of rows hold %.0f%% of the variance, so FVU and MSE measure "
+                    "little but those rows; read the per-token relative error and the downstream numbers. "
+                    "(A store collected with an older saelab packed windows without BOS: collect it again.)",
+                    hook, split, 100 * share)
+
+
+def _eval_sequences(corpus, tokenizer, store_meta: dict, shuffle_seed: int | None = None) -> Iterator:
     """Pack the corpus as the store was packed (max_length, special ids, keep_special)."""
     c = resolve_corpus(corpus) if isinstance(corpus, (str, Path)) else corpus
     tokz = store_meta.get("tokenizer", {})
-    return pack_sequences(c.documents(), tokenizer, int(store_meta.get("max_length", 256)),
+    return pack_sequences(c.documents(shuffle_seed), tokenizer, int(store_meta.get("max_length", 256)),
                           bos_id=tokz.get("bos_id"), eos_id=tokz.get("eos_id"), pad_id=tokz.get("pad_id"),
                           keep_special=bool(store_meta.get("keep_special", False)))

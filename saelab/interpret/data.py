@@ -71,7 +71,7 @@ def feature_pass(sae, store, hook: str, cfg: PassConfig | None = None, quiet: bo
     acc = FeatureAccumulator(sae.cfg.d_sae, cfg)
     device = next(sae.parameters()).device
     with tqdm(total=store.num_tokens, unit="tok", disable=quiet, desc="features") as bar:
-        for offset, x_BD in rows_in_order(store, hook, cfg.batch_size):
+        for offset, x_BD, _, _ in rows_in_order(store, hook, cfg.batch_size):
             f_BF = sae.encode(x_BD.to(device))
             acc.update_(f_BF, offset)
             bar.update(x_BD.shape[0])

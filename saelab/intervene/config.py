@@ -28,6 +28,8 @@ class InterveneConfig:
     """Multiply a feature: `9:0.5` (feature:factor)."""
     hook: str | None = None
     """Hook point for every SAE (default: the hook in each SAE's metadata.json)."""
+    keep_outliers: bool = False
+    """Also edit positions whose norm marks them as massive activations (left alone by default, like BOS)."""
     keep_error: bool = True
     """Add the SAE's reconstruction error back, so only the edited features change the model."""
     tokens: int = 20_000

@@ -32,7 +32,7 @@ import torch
 
 from saelab.errors import UsageError, raise_all
 from saelab.intervene.lora_patch import TwoPassLora
-from saelab.models import resolve_hooks, splice
+from saelab.models import causal_lm, resolve_hooks, splice
 
 
 
@@ -151,15 +151,48 @@ def apply_edit(edit: Edit, x_BD: torch.Tensor, keep_error: bool = True) -> torch
     return out.to(x_BD.dtype)
 
 
-def _splice_fn(edit: Edit, keep_error: bool, mask_BS: torch.Tensor | None, width: int):
+class _Inputs:
+    """Remembers the input ids of the current forward pass of the causal LM (for BOS positions)."""
+
+    def __init__(self, model):
+        self.ids_BS: torch.Tensor | None = None
+        self.bos_id = getattr(getattr(causal_lm(model), "config", None), "bos_token_id", None)
+        self.handle = causal_lm(model).register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, mod, args, kwargs):
+        self.ids_BS = kwargs.get("input_ids", args[0] if args else None)
+
+
+def outlier_limit(sae) -> float | None:
+    """Norm above which a position counts as a massive activation for this SAE: the outlier ratio
+    times the median row norm of the store it was trained on (metadata `norms`), or None."""
+    norms = (getattr(sae, "metadata", None) or {}).get("norms") or {}
+    if norms.get("median") is None or norms.get("outlier_ratio") is None:
+        return None
+    return float(norms["outlier_ratio"]) * float(norms["median"])
+
+
+def _splice_fn(edit: Edit, keep_error: bool, mask_BS: torch.Tensor | None, width: int, inputs: _Inputs,
+               limit: float | None, left: dict):
+    """x -> x with the edit applied at the positions that are edited: those of mask_BS (when its shape
+    fits), never BOS, and not massive activations (||x|| > limit)."""
     def fn(x_BSD: torch.Tensor) -> torch.Tensor:
         if x_BSD.shape[-1] != width:
             raise UsageError(f"the SAE has d_in {width}, but hook {edit.hook_name()!r} has width "
                              f"{x_BSD.shape[-1]}; pass the hook (and model) the SAE was trained on.")
-        if mask_BS is None or tuple(mask_BS.shape) != tuple(x_BSD.shape[:2]):
-            shape = x_BSD.shape
-            return apply_edit(edit, x_BSD.reshape(-1, shape[-1]), keep_error).reshape(shape)
-        rows = mask_BS.to(x_BSD.device).bool()
+        shape = tuple(x_BSD.shape[:2])
+        rows = torch.ones(shape, dtype=torch.bool, device=x_BSD.device)
+        if mask_BS is not None and tuple(mask_BS.shape) == shape:
+            rows &= mask_BS.to(x_BSD.device).bool()
+        ids = inputs.ids_BS
+        if inputs.bos_id is not None and ids is not None and tuple(ids.shape) == shape:
+            bos = ids.to(x_BSD.device) == inputs.bos_id
+            left["bos"] += int((rows & bos).sum())
+            rows &= ~bos
+        if limit is not None:
+            big = x_BSD.float().norm(dim=-1) > limit
+            left["outliers"] += int((rows & big).sum())
+            rows &= ~big
         out = x_BSD.clone()
         out[rows] = apply_edit(edit, x_BSD[rows], keep_error)
         return out
@@ -168,7 +201,8 @@ def _splice_fn(edit: Edit, keep_error: bool, mask_BS: torch.Tensor | None, width
 
 @contextlib.contextmanager
 def intervene(model, edits: Edit | Sequence[Edit], keep_error: bool = True,
-              mask_BS: torch.Tensor | None = None) -> Iterator[list]:
+              mask_BS: torch.Tensor | None = None, keep_outliers: bool = False,
+              left: dict | None = None) -> Iterator[list]:
     """Within the block, every forward pass of `model` runs with the edits spliced in.
 
         with intervene(model, [Edit(sae, ablate=[12, 845], steer={77: 4.0})]):
@@ -183,6 +217,11 @@ def intervene(model, edits: Edit | Sequence[Edit], keep_error: bool = True,
         keep_error: add the SAE's reconstruction error back (only the edits change the model).
         mask_BS: bool [B, S], positions to edit; used when a forward's [B, S] matches it (other
             shapes, e.g. generation steps, edit every position). None = every position.
+            BOS positions (the model's bos_token_id) are never edited, like in training, where the
+            SAE never saw them.
+        keep_outliers: also edit positions whose norm marks them as massive activations (above the
+            SAE's training store's outlier ratio x median norm; left alone by default).
+        left: a dict that counts the positions left unedited: {"bos": n, "outliers": n} (added to).
     Yields:
         the resolved HookPoints, one per edit.
     Raises:
@@ -193,9 +232,15 @@ def intervene(model, edits: Edit | Sequence[Edit], keep_error: bool = True,
     raise_all(problems, "bad feature edits")
     hps = [resolve_hooks(model, [e.hook_name()])[0] for e in edits]
     lora_fns: dict[str, tuple[Any, list]] = {}  # lora hook name -> (hook point, edit fns in order)
+    left = left if left is not None else {}
+    left.setdefault("bos", 0)
+    left.setdefault("outliers", 0)
+    inputs = _Inputs(model)
     with contextlib.ExitStack() as stack:
+        stack.callback(inputs.handle.remove)
         for e, hp in zip(edits, hps):
-            fn = _splice_fn(e, keep_error, mask_BS, int(e.sae.W_dec_FD.shape[1]))
+            limit = None if keep_outliers or hasattr(hp, "parts") else outlier_limit(e.sae)
+            fn = _splice_fn(e, keep_error, mask_BS, int(e.sae.W_dec_FD.shape[1]), inputs, limit, left)
             if hasattr(hp, "parts"):
                 lora_fns.setdefault(hp.name, (hp, []))[1].append(fn)
             else:

@@ -67,6 +67,9 @@ class Effect:
     decreased: list[TokenChange]
     """Tokens whose mean probability fell most."""
     per_sequence_delta: list[float] = field(repr=False, default_factory=list)
+    """dloss_s of each sequence (what the bootstrap resamples)."""
+    left_outliers: int = 0
+    """Kept positions left unedited because their norm marks them as massive activations."""
     """dloss_s for each sequence (for pooling across runs)."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,7 +91,8 @@ def _token_text(tokenizer, i: int) -> str:
 
 def measure_effect(model, edits: Edit | Sequence[Edit], sequences: Iterable, keep_error: bool = True,
                    max_tokens: int | None = None, batch_size: int = 8, tokenizer=None, top_tokens: int = 10,
-                   level: float = 0.95, n_boot: int = 2000, seed: int = 0, quiet: bool = True) -> Effect:
+                   level: float = 0.95, n_boot: int = 2000, seed: int = 0, quiet: bool = True,
+                   keep_outliers: bool = False) -> Effect:
     """Compare the edited model with the clean one on packed sequences (module docstring).
 
     Args:
@@ -98,21 +102,24 @@ def measure_effect(model, edits: Edit | Sequence[Edit], sequences: Iterable, kee
         max_tokens: stop after the batch that reaches this many valid predictions (None: all).
         tokenizer: to show token texts (None: ids only).
         top_tokens: how many tokens to list per direction.
+        keep_outliers: also edit positions that are massive activations (see `intervene`).
     Raises:
         UsageError: no valid prediction in the sequences.
     """
     return measure_effects(model, [edits], sequences, keep_error, max_tokens, batch_size, tokenizer,
-                           top_tokens, level, n_boot, seed, quiet)[0]
+                           top_tokens, level, n_boot, seed, quiet, keep_outliers)[0]
 
 
 class _Sums:
     def __init__(self):
         self.ce, self.kl, self.per_seq, self.dprob_V = 0.0, 0.0, [], None
+        self.left = {"bos": 0, "outliers": 0}
 
 
 def measure_effects(model, edit_sets: Sequence, sequences: Iterable, keep_error: bool = True,
                     max_tokens: int | None = None, batch_size: int = 8, tokenizer=None, top_tokens: int = 10,
-                    level: float = 0.95, n_boot: int = 2000, seed: int = 0, quiet: bool = True) -> list[Effect]:
+                    level: float = 0.95, n_boot: int = 2000, seed: int = 0, quiet: bool = True,
+                    keep_outliers: bool = False) -> list[Effect]:
     """`measure_effect` for several edit sets on the same sequences, sharing one clean pass per batch."""
     device = next(model.parameters()).device
     n_tok, ce_clean = 0, 0.0
@@ -142,7 +149,8 @@ def measure_effects(model, edit_sets: Sequence, sequences: Iterable, keep_error:
                 bar.update(int(v_S.sum()))
             del clean_BSV
             for edits, acc in zip(edit_sets, sums):
-                with intervene(model, edits, keep_error=keep_error, mask_BS=keep_BS):
+                with intervene(model, edits, keep_error=keep_error, mask_BS=keep_BS, keep_outliers=keep_outliers,
+                               left=acc.left):
                     edit_BSV = model(**fwd).logits.float()
                 for b, (v_S, tgt_T, lc_TV, cc_T) in zip(rows, clean_rows):
                     le_TV = F.log_softmax(edit_BSV[b][v_S], -1)
@@ -174,6 +182,7 @@ def measure_effects(model, edit_sets: Sequence, sequences: Iterable, keep_error:
             delta_loss=bootstrap_mean_ci(acc.per_seq, level=level, n_boot=n_boot, seed=seed), kl=acc.kl / n_tok,
             increased=changes(torch.topk(dprob_V, k).indices.tolist()),
             decreased=changes(torch.topk(-dprob_V, k).indices.tolist()), per_sequence_delta=acc.per_seq,
+            left_outliers=acc.left["outliers"],
         ))
     return out
 

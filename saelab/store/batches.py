@@ -16,6 +16,8 @@ W-th chunk of the split, c = chunks[r::W]):
 
 so each row is served exactly once per epoch, except the last group's remainder (< B rows), which
 is dropped (drop_last) or served as a short batch. Memory: K chunks of fp16 plus < B carried rows.
+With skip_flagged, the rows a chunk's manifest flags as massive activations are left out of
+perm_g (the permutation is drawn over all M_g rows first, so the order of the others is unchanged).
 
 Resume: the state is (epoch, group, batch, carry row identities); `load_state_dict` rebuilds the
 group's buffer from the memory-mapped chunks and skips the batches already served, so a resumed
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +47,7 @@ class BatchIterator:
 
     def __init__(self, store, hook: str, batch_size: int, chunks: list, seed: int = 0, shuffle_chunks: int = 4,
                  epochs: int | None = 1, drop_last: bool = True, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, skip_flagged: bool = False):
         problems = []
         if batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {batch_size}")
@@ -64,8 +67,10 @@ class BatchIterator:
                              f"({len(chunks)} chunks in this split). Collect more tokens, use smaller "
                              f"--chunk-tokens, or fewer ranks.")
         self.seed, self.shuffle_chunks, self.epochs = seed, shuffle_chunks, epochs
-        self.drop_last, self.shuffle = drop_last, shuffle
-        self.rows_per_epoch = sum(c.num_tokens for c in self.chunks)
+        self.drop_last, self.shuffle, self.skip_flagged = drop_last, shuffle, skip_flagged
+        self.skipped_per_epoch = sum(len(c.flagged_rows(hook)) for c in self.chunks) if skip_flagged else 0
+        """Flagged rows left out per epoch."""
+        self.rows_per_epoch = sum(c.num_tokens for c in self.chunks) - self.skipped_per_epoch
         self.batches_per_epoch = self.rows_per_epoch // batch_size + (
             0 if drop_last or self.rows_per_epoch % batch_size == 0 else 1)
         if self.batches_per_epoch == 0:
@@ -102,6 +107,13 @@ class BatchIterator:
             x_MD[starts[j + 1]:starts[j + 2]] = self.store.read_activations(self.chunks[i], self.hook)
         return x_MD, starts
 
+    def _keep_M(self, group_chunks: np.ndarray, starts: np.ndarray, m: int) -> np.ndarray:
+        """bool [M]: buffer rows not flagged (carried rows were kept when they were first loaded)."""
+        keep = np.ones(m, dtype=bool)
+        for j, i in enumerate(group_chunks):
+            keep[starts[j + 1] + self.chunks[i].flagged_rows(self.hook)] = False
+        return keep
+
     def _identities(self, idx: np.ndarray, group_chunks: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """(chunk position, row) of buffer rows `idx`."""
         src = np.searchsorted(starts, idx, side="right") - 1
@@ -122,6 +134,8 @@ class BatchIterator:
                 gc = groups[self._group]
                 x_MD, starts = self._load(gc)
                 perm = self._row_perm(self._epoch, self._group, len(x_MD))
+                if self.skip_flagged:
+                    perm = perm[self._keep_M(gc, starts, len(x_MD))[perm]]
                 n_full = len(x_MD) // B
                 while self._batch < n_full:
                     sel = perm[self._batch * B:(self._batch + 1) * B]
@@ -147,13 +161,15 @@ class BatchIterator:
         carry = [[self.chunks[p].shard, self.chunks[p].index, int(r)] for p, r in self._carry_CR]
         return {"epoch": self._epoch, "group": self._group, "batch": self._batch, "carry": carry,
                 "seed": self.seed, "batch_size": self.batch_size, "hook": self.hook,
-                "shuffle_chunks": self.shuffle_chunks, "shuffle": self.shuffle, "chunks": self._fingerprint()}
+                "shuffle_chunks": self.shuffle_chunks, "shuffle": self.shuffle, "chunks": self._fingerprint(),
+                "skip_flagged": self.skip_flagged}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()` of an iterator over the same store, split and settings."""
         mine = self.state_dict()
         diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}"
-                for k in ("seed", "batch_size", "hook", "shuffle_chunks", "shuffle", "chunks") if state.get(k) != mine[k]]
+                for k in ("seed", "batch_size", "hook", "shuffle_chunks", "shuffle", "chunks", "skip_flagged")
+                if state.get(k, False if k == "skip_flagged" else None) != mine[k]]
         if diff:
             raise UsageError("cannot resume the batch stream: it was saved with other settings or another set "
                              "of chunks (did the store grow?):\n" + "\n".join(f"  - {d}" for d in diff)
@@ -162,12 +178,31 @@ class BatchIterator:
         self._carry_CR = np.array([[self._pos[(s, i)], r] for s, i, r in state["carry"]], dtype=np.int64).reshape(-1, 2)
 
 
-def rows_in_order(store, hook: str, batch_size: int, chunks=None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(global row offset, float32 x_BD) over `chunks` (default: every chunk) in global row order,
-    `batch_size` rows at a time and never across a chunk boundary: the one in-order reader that
-    evaluation and interpretation share (their sums do not depend on order; a fixed order makes
-    `--tokens` reproducible)."""
+class RowBatch(NamedTuple):
+    """Consecutive rows of one chunk, in store order."""
+
+    offset: int
+    """Global row index of the first row."""
+    x_BD: torch.Tensor
+    """float32 activations."""
+    flagged_B: torch.Tensor
+    """bool: the chunk's manifest flags the row as a massive activation."""
+    position_B: torch.Tensor
+    """int64 position of the row in its packed window."""
+
+
+def rows_in_order(store, hook: str, batch_size: int, chunks=None, positions: bool = False) -> Iterator[RowBatch]:
+    """RowBatch over `chunks` (default: every chunk) in global row order, `batch_size` rows at a time
+    and never across a chunk boundary: the one in-order reader that evaluation and interpretation
+    share (their sums do not depend on order; a fixed order makes `--tokens` reproducible).
+    `positions` also reads each chunk's seqpos (else position_B is empty)."""
     for chunk in sorted(store.chunks if chunks is None else chunks, key=lambda c: c.offset):
         a_ND = store.read_activations(chunk, hook)
-        for start in range(0, chunk.num_tokens, batch_size):
-            yield chunk.offset + start, torch.from_numpy(np.asarray(a_ND[start:start + batch_size], dtype=np.float32))
+        flag_N = np.zeros(chunk.num_tokens, dtype=bool)
+        flag_N[chunk.flagged_rows(hook)] = True
+        pos_N = np.asarray(store.read_seqpos(chunk)[:, 1], dtype=np.int64) if positions else None
+        for s in range(0, chunk.num_tokens, batch_size):
+            e = min(s + batch_size, chunk.num_tokens)
+            yield RowBatch(chunk.offset + s, torch.from_numpy(np.asarray(a_ND[s:e], dtype=np.float32)),
+                           torch.from_numpy(flag_N[s:e]),
+                           torch.from_numpy(pos_N[s:e]) if positions else torch.zeros(0, dtype=torch.int64))

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from saelab.store.format import (
-    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, read_json, sha256_file, shard_dir_name, shard_target,
-)
 from saelab.errors import UsageError
+from saelab.store.format import (
+    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, TOP_SHARE, concentration, read_json, sha256_file, shard_dir_name,
+    shard_target,
+)
 from saelab.store.writer import shard_is_locked
 
 _BLOCK_ROWS = 1 << 16
@@ -84,6 +85,8 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Not errors: shards not started or still being written."""
+    chunk_norms: dict[str, list[dict]] = field(default_factory=dict)
+    """Hook name -> the chunks' row-norm entries (manifests), for `concentration`."""
 
     @property
     def ok(self) -> bool:
@@ -139,6 +142,8 @@ def _verify_shard(root: Path, meta: dict, shard: int, rep: VerifyReport, check_h
         rep.num_tokens += c["num_tokens"]
         for name, n in (c.get("overflow") or {}).items():
             rep.overflow[name] = rep.overflow.get(name, 0) + n
+        for name, norms in (c.get("norms") or {}).items():
+            rep.chunk_norms.setdefault(name, []).append({**norms, "rows": c["num_tokens"]})
         for key, entry in c["files"].items():
             listed.add(entry["file"])
             _verify_file(sdir, shard, key, entry, meta, rep, check_hash)
@@ -227,6 +232,7 @@ def render_verify(rep: VerifyReport) -> str:
     clamped = {h: n for h, n in rep.overflow.items() if n}
     if clamped:
         lines.append("! clamped to the fp16 range when written: " + ", ".join(f"{h}: {n:,}" for h, n in clamped.items()))
+    lines += [concentration_line(h, norms) for h, norms in rep.chunk_norms.items()]
     lines += [f"! {n}" for n in rep.notes]
     lines += [f"✗ {p}" for p in rep.problems]
     lines.append("✓ store is sound" if rep.ok else f"✗ {len(rep.problems)} problem(s)")
@@ -296,8 +302,30 @@ def render_monitor(path: str | Path, statuses: list[ShardStatus]) -> str:
     target = sum(s.tokens_target for s in statuses)
     rows.append(f"{'all':>5}  {'':<11} {f'{done:,} / {target:,}':>27}  {sum(s.chunks for s in statuses):>6}  "
                 f"{'':>8}  {'':>9}  {_bytes(sum(s.disk_bytes for s in statuses)):>9}")
+    rows += [concentration_line(h, norms) for h, norms in _manifest_norms(path).items()]
     rows.append(time.strftime("updated %Y-%m-%d %H:%M:%S"))
     return "\n".join(rows)
+
+
+def _manifest_norms(path: str | Path) -> dict[str, list[dict]]:
+    """Hook name -> every listed chunk's row-norm entry, read from the shard manifests only."""
+    out: dict[str, list[dict]] = {}
+    for m in sorted(Path(path).glob("shard_*/" + MANIFEST_JSON)):
+        try:
+            chunks = read_json(m, "shard manifest")["chunks"]
+        except (UsageError, KeyError):
+            continue
+        for c in chunks:
+            for name, norms in (c.get("norms") or {}).items():
+                out.setdefault(name, []).append({**norms, "rows": c["num_tokens"]})
+    return out
+
+
+def concentration_line(hook: str, chunk_norms: list[dict]) -> str:
+    """`· hook: 0.012% of rows flagged as massive activations; the top 0.1% hold 3.4% of sum ||x||^2`."""
+    rows, flagged, share = concentration(chunk_norms)
+    return (f"· {hook}: {flagged:,} of {rows:,} rows ({100 * flagged / max(rows, 1):.3f}%) flagged as massive "
+            f"activations; the top {100 * TOP_SHARE:g}% of rows hold {100 * share:.1f}% of the summed ||x||^2")
 
 
 def _duration(s: float | None) -> str:

@@ -29,7 +29,6 @@ import numpy as np
 from saelab.atomic import sha256_file  # noqa: F401 - part of the store's format helpers
 from saelab.errors import UsageError
 
-
 FORMAT_VERSION = 1
 STORE_JSON = "store.json"
 MANIFEST_JSON = "manifest.json"
@@ -37,13 +36,18 @@ LOCK_FILE = ".lock"
 TOKENS = "tokens"
 SEQPOS = "seqpos"
 FP16_MAX = 65504.0
+OUTLIER_RATIO = 5.0
+"""Default --outlier-ratio: a row whose norm exceeds this multiple of the running median is flagged.
+Chosen from data (docs/data-fidelity.md): on SmolLM2-135M's layer-15 residual stream, with BOS at
+every window start, the largest ordinary row of 40,882 was 2.8x the median (99.99th percentile
+1.6x), while the massive activations left sat at 10.6x and 30.8x."""
 # Fields of store.json that must match when a writer joins or resumes a store. Dotted names
 # compare one key of a nested dict. batch_size, chunk_tokens and num_shards fix the batch grid and
 # the corpus split, so a resumed store stays byte-identical and shards stay disjoint.
 IDENTITY_FIELDS = (
     "format_version", "model.sha256", "hooks", "dtype", "max_length", "tokenizer",
     "corpus.fingerprint", "keep_special", "adapter", "slices", "num_shards", "batch_size",
-    "chunk_tokens",
+    "chunk_tokens", "packing", "outlier_ratio", "corpus.shuffle_documents", "corpus.document_seed",
 )
 NPY_HEADER_BYTES = 128  # fixed, so a chunk's header can be rewritten in place once N is known
 
@@ -164,6 +168,9 @@ class ChunkEntry:
     """Shard progress after this chunk: forward batches run."""
     written_at: float
     """Unix time the chunk was committed."""
+    norms: dict | None = None
+    """Hook name -> row-norm statistics and outlier flags of this chunk (see `outlier_flags`):
+    {median, max, reference_median, ratio, flagged, flagged_rows}; None in stores written before."""
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -178,6 +185,12 @@ def check_identity(existing: dict, new: dict, root: Path | str) -> None:
     if existing.get("format_version", 0) > FORMAT_VERSION:
         raise UsageError(f"store {root} has format_version {existing['format_version']}; this saelab "
                          f"reads up to {FORMAT_VERSION}. Upgrade saelab or use another --out.")
+    if new.get("packing") and not existing.get("packing"):
+        raise UsageError(
+            f"store {root} was written under the old packing rule: BOS only at document starts, so every "
+            "window after the first began mid-document and its first token became an attention sink with "
+            "a norm about 100x the median, which dominated the store. It can still be read (with a "
+            f"warning), but not appended to. Collect into a new --out (windows now start with BOS).")
     problems = []
     for name in IDENTITY_FIELDS:
         a, b = get_nested(existing, name), get_nested(new, name)
@@ -201,3 +214,41 @@ def _short(v: Any) -> str:
     return s if len(s) <= 200 else s[:197] + "..."
 
 
+def outlier_flags(norms_N: np.ndarray, earlier_medians: list[float], ratio: float | None) -> dict:
+    """Row-norm statistics of one chunk and the rows flagged as massive activations.
+
+        m_c      = median_n ||x_n||                      this chunk's median row norm
+        ref_c    = median(m_0, ..., m_c)                 the running median over this shard's chunks
+        flagged  = { n : ||x_n|| > ratio * ref_c }       (no row is flagged when ratio is None)
+
+    The running median is rebuilt from the manifest on resume, so a resumed store flags the same rows.
+    Also kept, for `verify` and `monitor` to tell how concentrated a store is without reading it:
+    sum_sq = sum_n ||x_n||^2 and top_sq = the largest ceil(TOP_SHARE * N) values of ||x_n||^2.
+    """
+    if len(norms_N) == 0:
+        return {"rows": 0, "median": 0.0, "max": 0.0, "reference_median": 0.0, "ratio": ratio, "flagged": 0,
+                "flagged_rows": [],
+                "sum_sq": 0.0, "top_sq": []}
+    med = float(np.median(norms_N))
+    ref = float(np.median(earlier_medians + [med]))
+    rows = np.nonzero(norms_N > ratio * ref)[0].tolist() if ratio is not None else []
+    sq = norms_N.astype(np.float64) ** 2
+    k = int(np.ceil(TOP_SHARE * len(sq)))
+    return {"rows": len(norms_N), "median": med, "max": float(norms_N.max()), "reference_median": ref, "ratio": ratio,
+            "flagged": len(rows), "flagged_rows": rows, "sum_sq": float(sq.sum()),
+            "top_sq": np.sort(sq)[-k:][::-1].round(3).tolist()}
+
+
+TOP_SHARE = 0.001
+"""`verify` and `monitor` report the share of the summed squared norm held by this top share of rows."""
+
+
+def concentration(chunk_norms: list[dict]) -> tuple[int, int, float]:
+    """(rows, flagged rows, share of sum ||x||^2 held by the top TOP_SHARE of rows) of one hook over
+    chunks' `norms` entries (the top rows of the whole are found among each chunk's own top rows)."""
+    rows = sum(int(c.get("rows", 0)) for c in chunk_norms)
+    flagged = sum(int(c.get("flagged", 0)) for c in chunk_norms)
+    total = sum(float(c.get("sum_sq", 0.0)) for c in chunk_norms)
+    k = int(np.ceil(TOP_SHARE * rows))
+    top = sorted((v for c in chunk_norms for v in c.get("top_sq", [])), reverse=True)[:k]
+    return rows, flagged, (sum(top) / total if total > 0 else 0.0)

@@ -32,8 +32,7 @@ import numpy as np
 
 from saelab.errors import UsageError, did_you_mean
 from saelab.store.format import (
-    FORMAT_VERSION, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, read_json, sha256_file,
-    shard_dir_name,
+    FORMAT_VERSION, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, read_json, sha256_file, shard_dir_name,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,12 @@ class ChunkInfo:
     """Global row index of the chunk's first row (store order: shard-major, then index)."""
     files: dict = field(compare=False, hash=False, repr=False)
     """'tokens', 'seqpos', hook name -> manifest entry {file, sha256, bytes, shape, dtype}."""
+    norms: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    """Hook name -> the chunk's row-norm statistics and flagged rows ({} in older stores)."""
+
+    def flagged_rows(self, hook: str) -> np.ndarray:
+        """int64 rows of this chunk flagged as massive activations at `hook` (empty if none)."""
+        return np.asarray((self.norms.get(hook) or {}).get("flagged_rows", []), dtype=np.int64)
 
     @property
     def name(self) -> str:
@@ -78,6 +83,16 @@ class ActivationStore:
     def num_tokens(self) -> int:
         """Rows in the listed chunks."""
         return sum(c.num_tokens for c in self.chunks)
+
+    def norm_median(self, hook: str) -> float | None:
+        """The median row norm of `hook` over the store (the median of its chunks' medians), or None
+        for a store written before norms were recorded."""
+        meds = [c.norms[hook]["median"] for c in self.chunks if (c.norms or {}).get(hook)]
+        return float(np.median(meds)) if meds else None
+
+    def flagged_count(self, hook: str, chunks: list[ChunkInfo] | None = None) -> int:
+        """Rows of `hook` flagged as massive activations in `chunks` (default: all)."""
+        return sum(len(c.flagged_rows(hook)) for c in (self.chunks if chunks is None else chunks))
 
     def width(self, hook: str) -> int:
         """D of a hook point."""
@@ -154,14 +169,14 @@ class ActivationStore:
 
     def batches(self, hook: str, batch_size: int, split: Split = "train", seed: int = 0, shuffle_chunks: int = 4,
                 epochs: int | None = 1, drop_last: bool = True, shards: list[int] | None = None, rank: int = 0,
-                world_size: int = 1, val_fraction: float = 0.05, shuffle: bool = True):
+                world_size: int = 1, val_fraction: float = 0.05, shuffle: bool = True, skip_flagged: bool = False):
         """Shuffled float32 batches [B, D] of one hook; see `saelab.store.batches.BatchIterator`."""
         from saelab.store.batches import BatchIterator
 
         store = self.subset(shards)
         return BatchIterator(store, hook, batch_size, store.select(split, val_fraction, seed), seed=seed,
                              shuffle_chunks=shuffle_chunks, epochs=epochs, drop_last=drop_last, rank=rank,
-                             world_size=world_size, shuffle=shuffle)
+                             world_size=world_size, shuffle=shuffle, skip_flagged=skip_flagged)
 
 
 def unit_hash(text: str) -> float:
@@ -206,12 +221,16 @@ def load_store(path: str | Path, verify: bool = True) -> ActivationStore:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise UsageError(f"store {root} has format_version {meta['format_version']}; this saelab reads up to "
                          f"{FORMAT_VERSION}. Upgrade saelab.")
+    if "packing" not in meta and meta.get("tokenizer", {}).get("bos_id") is not None and "corpus" in meta:
+        log.warning("store %s was packed under the old rule (BOS only at document starts): windows after the "
+                    "first begin mid-document and their first token is an attention sink with a huge norm. "
+                    "Results on it are dominated by those rows; collect a new store.", root)
     chunks, offset = [], 0
     for shard in range(meta["num_shards"]):
         mpath = root / shard_dir_name(shard) / MANIFEST_JSON
         if not mpath.exists():
             continue
         for c in read_json(mpath, "shard manifest")["chunks"]:
-            chunks.append(ChunkInfo(shard, c["index"], c["num_tokens"], offset, c["files"]))
+            chunks.append(ChunkInfo(shard, c["index"], c["num_tokens"], offset, c["files"], c.get("norms") or {}))
             offset += c["num_tokens"]
     return ActivationStore(root, meta, chunks, verify)

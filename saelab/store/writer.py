@@ -30,8 +30,8 @@ import numpy as np
 
 from saelab.errors import UsageError
 from saelab.store.format import (
-    FORMAT_VERSION, LOCK_FILE, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
-    FP16_MAX, check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header, os_error_to_usage,
+    FORMAT_VERSION, FP16_MAX, LOCK_FILE, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
+    check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header, os_error_to_usage, outlier_flags,
     read_json, sha256_file, shard_dir_name, write_bytes_atomic,
 )
 
@@ -108,6 +108,7 @@ class ChunkBuilder:
             self.files[h["name"]] = _ArrayFile(d / chunk_file_name(index, h["key"]), np.float16, (h["width"],))
         self.overflow = {h["name"]: 0 for h in hooks}
         self.nan = {h["name"]: 0 for h in hooks}
+        self.norms: dict[str, list[np.ndarray]] = {h["name"]: [] for h in hooks}
         self.num_tokens = 0
 
     def append(self, tokens_N, seqpos_N2, acts: dict[str, Any], overflow: dict[str, int] | None = None) -> None:
@@ -140,6 +141,7 @@ class ChunkBuilder:
                 self.overflow[name] += over
                 self.nan[name] += nan
                 self.files[name].append(x16)
+                self.norms[name].append(np.linalg.norm(x16.astype(np.float32), axis=1))  # of what is stored
         except UsageError:  # disk full or not writable: leave no tmp files behind
             self.abort()
             raise
@@ -156,8 +158,17 @@ class ChunkBuilder:
         except UsageError:
             self.abort()
             raise
+        ratio = self.writer.meta.get("outlier_ratio")
+        norms = {}
+        for name, parts in self.norms.items():
+            earlier = [c["norms"][name]["median"] for c in self.writer.manifest["chunks"] if (c.get("norms") or {}).get(name)]
+            norms[name] = outlier_flags(np.concatenate(parts) if parts else np.zeros(0, np.float32), earlier, ratio)
+            if norms[name]["flagged"]:
+                log.info("chunk %d of %s: %d row(s) of %s flagged as massive activations (norm > %g x the running "
+                         "median %.4g; max %.4g)", self.index, self.writer.shard_dir, norms[name]["flagged"], name,
+                         ratio, norms[name]["reference_median"], norms[name]["max"])
         entry = ChunkEntry(self.index, self.num_tokens, files, self.overflow, self.nan,
-                           int(sequences_done), int(batches_done), time.time())
+                           int(sequences_done), int(batches_done), time.time(), norms)
         for name, count in self.overflow.items():
             if count:
                 log.warning("chunk %d of %s: %d activation values of %s were beyond the fp16 range "

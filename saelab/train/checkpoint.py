@@ -224,7 +224,8 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 def save_sae(run: RunState, directory: Path, cfg, src, step: int, metrics: dict) -> None:
     meta = {"training": to_dict(cfg), "hook": src.hook, "model": src.meta.get("model"),
-            "store": src.path, "step": step, "metrics": metrics, "run": run.name}
+            "store": src.path, "step": step, "metrics": metrics, "run": run.name,
+            "norms": src.norms}  # the store's median row norm: splices leave rows far above it alone
     mined_F = getattr(run.sae, "init_from_dirs_F", None)
     if mined_F is not None:  # --init rkcnn: which latents started at mined directions (also in the weights)
         meta["mined_latents"] = mined_F.nonzero().flatten().tolist()

@@ -111,6 +111,8 @@ class TrainConfig:
     sets torch's intra-op threads when > 0."""
     seed: int = 0
     """Seed for initialisation and data order."""
+    keep_outliers: bool = False
+    """Also train on rows that collect flagged as massive activations (left out by default)."""
     shuffle_chunks: int = 8
     """Chunks mixed in the shuffle buffer (RAM ~ shuffle_chunks * chunk size)."""
     init_tokens: int = 16_384

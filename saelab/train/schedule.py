@@ -6,7 +6,9 @@ metric sinks (sinks.py), stores and checkpoints (sources.py, checkpoint.py).
 
 Schedules (step s = 0, 1, ...; T total steps; lr0 = --lr; W = --warmup-steps; d = --decay-fraction):
 
-    lr(s)     = lr0 * min(1, (s + 1) / W) * min(1, (T - s) / (d * T))      (W = 0 or d = 0: factor 1)
+    lr(s)     = lr0 * min(1, (s + 1) / W') * min(1, (T - s) / (d * T))     (W' = 0 or d = 0: factor 1)
+    W'        = min(W, max(1, floor(WARMUP_CAP * T)))     warmup is at most 10% of the run, so with
+                                                          d <= 0.9 a short run still reaches lr0
     sparsity_scale(s) = min(1, (s + 1) / W_sparsity)                       (W_sparsity = 0: 1)
 
 Dead latents: steps_since_fired_F[i] = 0 if latent i fired in the batch, else + 1;
@@ -21,9 +23,14 @@ import torch
 log = logging.getLogger(__name__)
 
 
+WARMUP_CAP = 0.1
+"""Largest share of a run's steps that warmup may take."""
+
+
 def lr_at(step: int, total: int, lr: float, warmup: int, decay_fraction: float) -> float:
-    """Learning rate at `step`: linear warmup over `warmup` steps, linear decay to 0 over the last
-    `decay_fraction` of `total` steps (see module docstring)."""
+    """Learning rate at `step`: linear warmup over `warmup` steps (at most WARMUP_CAP of `total`),
+    linear decay to 0 over the last `decay_fraction` of `total` steps (see module docstring)."""
+    warmup = min(warmup, max(1, int(WARMUP_CAP * total))) if warmup > 0 else 0
     scale = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     decay_steps = decay_fraction * total
     if decay_steps > 0:

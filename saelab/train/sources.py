@@ -18,6 +18,7 @@ from saelab.corpus import batch_sequences, open_corpus, pack_corpus
 from saelab.errors import UsageError, did_you_mean
 from saelab.models import capture, load_model, resolve_hooks, tokenizer_info
 from saelab.store import load_store, unit_hash
+from saelab.store.format import OUTLIER_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ def resolve_hook(store, hook: str | None, d_in: int | None) -> tuple[str, int]:
 
 
 def split_kwargs(cfg) -> dict[str, Any]:
-    return {"val_fraction": cfg.val_fraction, "shuffle_chunks": cfg.shuffle_chunks}
+    """Store-reading options every stream of a run shares: its split, shuffle buffer and whether rows
+    collect flagged as massive activations are left out (the default; --keep-outliers keeps them)."""
+    return {"val_fraction": cfg.val_fraction, "shuffle_chunks": cfg.shuffle_chunks,
+            "skip_flagged": not getattr(cfg, "keep_outliers", False)}
 
 
 def train_batches(store, hook: str, cfg, rank: int, world: int):
@@ -115,6 +119,17 @@ class StoreSource:
         self.store = open_store(cfg.data, cfg.num_shards)
         self.hook, self.d_in = resolve_hook(self.store, cfg.hook, cfg.d_in)
         self.path, self.meta = str(self.store.path), self.store.meta
+        self.norms = {"median": self.store.norm_median(self.hook), "outlier_ratio": self.meta.get("outlier_ratio")}
+        flagged = self.store.flagged_count(self.hook)
+        if flagged:
+            share = flagged / max(self.store.num_tokens, 1)
+            if cfg.keep_outliers:
+                log.warning("training on %d row(s) (%.3f%%) that collect flagged as massive activations "
+                            "(--keep-outliers)", flagged, 100 * share)
+            else:
+                log.info("leaving out %d row(s) (%.3f%%) that collect flagged as massive activations (norm > %s x "
+                         "the median); --keep-outliers trains on them", flagged, 100 * share,
+                         self.meta.get("outlier_ratio"))
 
     def train_batches(self, cfg, rank: int, world: int):
         return train_batches(self.store, self.hook, cfg, rank, world)
@@ -162,6 +177,7 @@ class StreamSource:
         self.meta = {"model": self.lm.info, "tokenizer": self.tok, "max_length": cfg.text.max_length,
                      "corpus": {"spec": self.corpus.spec, "fingerprint": self.corpus.fingerprint},
                      "hooks": [{"name": self.hook, "width": self.d_in}]}
+        self.norms = {"median": None, "outlier_ratio": OUTLIER_RATIO}
 
     def _sequences(self, cfg, split: str, rank: int, world: int):
         n = 0
@@ -174,10 +190,16 @@ class StreamSource:
             n += 1
 
     def rows(self, cfg, split: str, rank: int = 0, world: int = 1):
-        """Activations x_ND of consecutive forward passes (kept positions only), float32 on CPU."""
+        """Activations x_ND of consecutive forward passes (kept positions only), float32 on CPU; rows
+        above OUTLIER_RATIO x the pass's median norm are left out unless --keep-outliers (the rule
+        collect applies, with the forward pass standing in for a chunk)."""
         for ids_BS, mask_BS, keep_BS, _ in batch_sequences(self._sequences(cfg, split, rank, world), FORWARD_SEQS):
             x_BSD = capture(self.lm.model, [self.hp], ids_BS.to(self.device), mask_BS.to(self.device))[self.hook]
-            yield x_BSD.float().cpu()[keep_BS]
+            x_ND = x_BSD.float().cpu()[keep_BS]
+            if not cfg.keep_outliers and len(x_ND):
+                norms_N = x_ND.norm(dim=-1)
+                x_ND = x_ND[norms_N <= OUTLIER_RATIO * norms_N.median()]
+            yield x_ND
 
     def train_batches(self, cfg, rank: int, world: int):
         return ShuffleStream(lambda: self.rows(cfg, "train", rank, world), cfg.batch_size,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from saelab.errors import UsageError
-from saelab.metrics import (ReconSums, SparsitySums, add_recon, add_sparsity, recon_sums, reconstruction_metrics,
+from saelab.metrics import (ReconSums, SparsitySums, add_recon, empty_recon, empty_sparsity, add_sparsity, recon_sums, reconstruction_metrics,
                             sparsity_metrics, sparsity_sums)
 from saelab.provenance import trained_split
 from saelab.saes import load_sae
@@ -46,22 +46,19 @@ def evaluate_sae(sae, batches, device: torch.device, world: int = 1) -> dict[str
         raise UsageError("the validation split is empty: raise --val-fraction or use a larger store.")
     rec, sp = reconstruction_metrics(rs), sparsity_metrics(ss)
     return {"val_loss": float(loss_sum) / rs.n, "val_mse": rec.mse, "val_fvu": rec.fvu,
-            "val_cosine": rec.cosine, "val_l0": sp.l0, "val_dead_frac": sp.dead_frac,
+            "val_rel_error": rec.rel_error, "val_cosine": rec.cosine, "val_l0": sp.l0, "val_dead_frac": sp.dead_frac,
             "val_dense_frac": sp.dense_frac}
 
 
 def _all_reduce_sums(rs, ss, loss_sum, d_in: int, d_sae: int):
-
-    z = torch.zeros((), dtype=torch.float64)
     if rs is None:  # this rank got no val batch
-        rs = ReconSums(0, torch.zeros(d_in, dtype=torch.float64), z, z, z, z)
-        ss = SparsitySums(0, torch.zeros(d_sae, dtype=torch.int64), torch.zeros(d_sae + 1, dtype=torch.int64))
+        rs, ss = empty_recon(d_in), empty_sparsity(d_sae)
     n = torch.tensor(float(rs.n), dtype=torch.float64)
     parts = [n, loss_sum.clone(), *(t.clone() for t in rs[1:]), ss.fired_F.clone(), ss.l0_hist.clone()]
     for t in parts:
         dist.all_reduce(t)
-    n_all = int(parts[0])
-    return (ReconSums(n_all, *parts[2:7]), SparsitySums(n_all, parts[7], parts[8]), parts[1])
+    n_all, k = int(parts[0]), len(rs)
+    return (ReconSums(n_all, *parts[2:k + 1]), SparsitySums(n_all, parts[k + 1], parts[k + 2]), parts[1])
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, hook: str | None = None,

@@ -132,19 +132,30 @@ def test_corpus_errors(tmp_path, home):
 
 
 def test_pack_hand_checked():
-    # docs "ab", "cde", "" (skipped), "f"; stream = B a b E B c d e E B f E  (12 tokens)
+    # docs "ab", "cde", "" (skipped), "f"; stream = B a b E B c d e E B f E; every window opens with B
     B, E, P = 1, 2, 0
     seqs = list(pack_sequences(["ab", "cde", "", "f"], CharTokenizer(), 5, B, E, P))
     a, b, c, d, e, f = (ord(x) for x in "abcdef")
     assert [s.index for s in seqs] == [0, 1, 2]
-    assert [s.input_ids.tolist() for s in seqs] == [[B, a, b, E, B], [c, d, e, E, B], [f, E, P, P, P]]
-    assert [s.attention_mask.tolist() for s in seqs] == [[1] * 5, [1] * 5, [1, 1, 0, 0, 0]]
+    # window 1 opens with a fresh B in the middle of "cde" (no attention sink on its first token);
+    # window 2 opens with the stream's own B of "f"
+    assert [s.input_ids.tolist() for s in seqs] == [[B, a, b, E, B], [B, c, d, e, E], [B, f, E, P, P]]
+    assert [s.attention_mask.tolist() for s in seqs] == [[1] * 5, [1] * 5, [1, 1, 1, 0, 0]]
     assert [s.keep_mask.tolist() for s in seqs] == [
-        [False, True, True, True, False], [True, True, True, True, False], [True, True, False, False, False]]
+        [False, True, True, True, False], [False, True, True, True, True], [False, True, True, False, False]]
     assert seqs[0].input_ids.dtype == np.int32 and seqs[0].keep_mask.dtype == bool
     kept = list(pack_sequences(["ab", "cde", "", "f"], CharTokenizer(), 5, B, E, P, keep_special=True))
     assert all(s.keep_mask.all() for s in kept)
     assert [s.input_ids.tolist() for s in kept] == [s.input_ids.tolist() for s in seqs]
+
+
+def test_every_window_starts_with_bos_and_position_0_is_never_kept():
+    docs = ["x" * n for n in (3, 17, 1, 40, 9, 2, 25)]
+    seqs = list(pack_sequences(docs, CharTokenizer(), 7, 1, 2, 0))
+    assert all(s.input_ids[0] == 1 and not s.keep_mask[0] for s in seqs)
+    # no window holds two BOS in a row, and every real token of every document is kept exactly once
+    assert all(not (s.input_ids[:2] == 1).all() for s in seqs)
+    assert sum(int(((s.input_ids == ord("x")) & s.keep_mask).sum()) for s in seqs) == sum(map(len, docs))
 
 
 def test_pack_bos_equal_eos_keeps_eos():
@@ -156,8 +167,9 @@ def test_pack_bos_equal_eos_keeps_eos():
 
 def test_pack_long_document_spans_windows_and_is_lazy():
     seqs = list(pack_sequences(["x" * 23], CharTokenizer(), 10, 1, 2, 0))
-    flat = np.concatenate([s.input_ids[s.attention_mask == 1] for s in seqs]).tolist()
-    assert flat == [1] + [ord("x")] * 23 + [2] and len(seqs) == 3
+    # each window: B + 9 stream tokens; the document continues after the next window's B
+    assert [s.input_ids[s.attention_mask == 1].tolist() for s in seqs] == [
+        [1] + [120] * 9, [1] + [120] * 9, [1] + [120] * 5 + [2]]
 
     def endless():
         while True:
@@ -171,16 +183,28 @@ def test_pack_real_tokenizer_roundtrip(tmp_path):
     d = make_text_corpus(tmp_path / "c", n_docs=6, seed=3)
     docs = list(resolve_corpus(str(d)).documents())
     seqs = list(pack_sequences(docs, tok, 16, BOS_ID, EOS_ID, PAD_ID))
-    stream = np.concatenate([s.input_ids[s.attention_mask == 1] for s in seqs]).tolist()
+    kept = np.concatenate([s.input_ids[s.keep_mask] for s in seqs]).tolist()
     expect = []
     for doc in docs:
-        expect += [BOS_ID, *tok(doc, add_special_tokens=False)["input_ids"], EOS_ID]
-    assert stream == expect
-    assert all(len(s.input_ids) == 16 for s in seqs)
-    kept = sum(int(s.keep_mask.sum()) for s in seqs)
-    assert kept == len(expect) - len(docs)  # every token but the BOS of each document
+        expect += [*tok(doc, add_special_tokens=False)["input_ids"], EOS_ID]
+    assert kept == expect  # every document token and EOS once, in order; no BOS
+    assert all(len(s.input_ids) == 16 and s.input_ids[0] == BOS_ID for s in seqs)
     again = list(pack_sequences(docs, tok, 16, BOS_ID, EOS_ID, PAD_ID))
     assert all((a.input_ids == b.input_ids).all() for a, b in zip(seqs, again))
+
+
+def test_shuffled_documents_are_a_seeded_permutation(tmp_path):
+    folder = make_text_corpus(tmp_path / "c", n_docs=12, seed=1)
+    lines = tmp_path / "c.jsonl"
+    lines.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" + ("\n" if i % 4 == 0 else "")
+                             for i in range(30)))
+    for corpus in (resolve_corpus(str(folder)), resolve_corpus(str(lines))):
+        plain = list(corpus.documents())
+        a, b, c = (list(corpus.documents(s)) for s in (0, 0, 1))
+        assert a == b and sorted(a) == sorted(plain) and a != plain and c != a
+    # collect's default: --shuffle-documents on, recorded so a changed order is a different store
+    from saelab.corpus import CorpusConfig
+    assert CorpusConfig().shuffle_documents is True
 
 
 def test_pack_empty_corpus_errors():

@@ -20,8 +20,8 @@ def fp16_data(n=300, d=4, offset=3.0, seed=0):
 
 
 def _result(sae, x_ND, batch=64):
-    [(r, s)] = accumulate([sae], x_ND.split(batch))
-    return summarise("sae", "", sae, HOOK, "all", r, s)
+    [sums], rows = accumulate([sae], x_ND.split(batch))
+    return summarise("sae", "", sae, HOOK, "all", sums, rows)
 
 
 def test_perfect_sae_has_fvu_zero():
@@ -29,6 +29,7 @@ def test_perfect_sae_has_fvu_zero():
     res = _result(identity_sae(4), x)
     assert res.fvu == 0.0 and res.mse == 0.0
     assert res.cosine == pytest.approx(1.0, abs=1e-6) and res.rel_norm == pytest.approx(1.0, abs=1e-6)
+    assert res.rel_error == 0.0
     assert res.l0 == pytest.approx(4.0)  # each dimension is non-zero: one of the +/- pair fires
 
 
@@ -250,3 +251,44 @@ def test_evaluate_downstream_with_model_and_corpus(tmp_path):
     other = LoadedModel(model=model, tokenizer=tok, info={"name": "bigger", "sha256": "sha-bigger"})
     with pytest.raises(UsageError, match="bigger.*tiny|tiny.*bigger"):
         evaluate_saes([identity_sae(d)], store, split="all", model=other, corpus=str(corpus), quiet=True)
+
+
+# --------------------------------------------------------------------------- outliers cannot decide the metrics
+
+
+def test_per_token_relative_error_by_hand():
+    # x_hat = b_dec = (1, 0) for every token: errors (0,1), (1,1), (2,0) on x = (1,1), (2,1), (3,0)
+    x = torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 0.0]])
+    res = _result(const_sae(2, torch.tensor([1.0, 0.0])), x)
+    expect = (1 / 2**0.5 + 2**0.5 / 5**0.5 + 2 / 3) / 3
+    assert res.rel_error == pytest.approx(expect, rel=1e-6)
+
+
+def test_a_planted_massive_row_is_left_out_reported_and_warned_about(tmp_path, caplog):
+    from saelab.store import ShardWriter
+    from tests.builders import id_store_meta
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g) + 3
+    x[123] *= 400  # one massive row: alone it holds almost all the variance
+    meta = id_store_meta(hooks=[{"name": HOOK, "width": 4}], model={"name": "tiny", "sha256": MODEL_SHA},
+                         outlier_ratio=5.0)
+    with ShardWriter.open(tmp_path / "s", meta, 0, 1) as w:
+        w.write_chunk(np.arange(400, dtype=np.int32), np.stack([np.arange(400) // 16, np.arange(400) % 16], 1).astype(np.int32),
+                      {HOOK: x.numpy()}, sequences_done=25, batches_done=1)
+        w.finish()
+    eye = torch.eye(4)
+    sae = hand_sae(torch.cat([eye, -eye], 1), 0.9 * torch.cat([eye, -eye], 0))  # x_hat = 0.9 x
+    with caplog.at_level("WARNING"):
+        (kept,) = evaluate_saes([sae], tmp_path / "s", split="all", keep_outliers=True, quiet=True)
+    assert "top 1% of rows hold" in caplog.text  # the massive row decides FVU: say so
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        (res,) = evaluate_saes([sae], tmp_path / "s", split="all", quiet=True)
+    assert "top 1% of rows hold" not in caplog.text
+    assert res.flagged == 1 and res.n_tokens == 399
+    # the massive row swamps the sums: FVU drops ~10x when it counts; the per-token error does not move
+    assert res.fvu_with_outliers == pytest.approx(kept.fvu) and res.fvu > 5 * kept.fvu
+    assert res.rel_error == pytest.approx(0.1, rel=1e-3) and kept.rel_error == pytest.approx(0.1, rel=1e-3)
+    assert res.variance_share_top["0.01"] < 0.1 < kept.variance_share_top["0.01"]
+    assert len(res.rel_error_by_position) == 16 and res.rel_error_by_position[0] is not None

@@ -216,3 +216,28 @@ def test_cli_effect_and_errors(tmp_path, capsys):
                "--hook", "model.layers.7"])
     err = capsys.readouterr().err
     assert rc == 2 and "model.layers.7" in err
+
+
+def test_splice_leaves_bos_positions_bit_identical():
+    from saelab.models import capture
+    from saelab.saes import TopKConfig, make_sae
+
+    model, _ = tiny_llama()
+    sae = make_sae(TopKConfig(d_in=64, d_sae=128, k=4))
+    ids = random_ids(batch=2, seq=12, seed=4)
+    ids[:, 0] = BOS_ID
+    ids[1, 6] = BOS_ID  # a document boundary inside the window
+    model.config.bos_token_id = BOS_ID
+    hooks = ["model.layers.0", "model.layers.1"]
+    with torch.no_grad():
+        clean = capture(model, hooks, ids, stop_early=False)
+        left = {}
+        with intervene(model, [Edit(sae, hook="model.layers.0", steer={3: 25.0}, ablate=[1, 2])], left=left):
+            edited = capture(model, hooks, ids, stop_early=False)  # sees the spliced layer-0 output
+    bos = ids == BOS_ID
+    e0, c0 = edited["model.layers.0"], clean["model.layers.0"]
+    assert torch.equal(e0[bos], c0[bos])  # BOS is never spliced, like in training
+    assert not torch.allclose(e0[~bos], c0[~bos])  # every other position is
+    # the window's first BOS attends only to itself, so it stays identical downstream too
+    assert torch.equal(edited["model.layers.1"][:, 0], clean["model.layers.1"][:, 0])
+    assert left["bos"] == 3

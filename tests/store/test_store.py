@@ -394,3 +394,45 @@ def test_saelab_load_store_is_lazy_and_torch_free_at_import():
 
 def test_chunkinfo_names():
     assert ChunkInfo(1, 3, 10, 0, {}).name == "shard_00001/chunk_000003"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Massive activations: flagged at write time, left out of batches on request, reported by verify
+
+
+def _store_with_massive_rows(root, ratio=10.0):
+    """2 chunks x 50 rows of N(0, 1) in 8 dims; rows 7 and 60 scaled by 100 (massive activations)."""
+    x = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    x[[7, 60]] *= 100
+    meta = make_meta(hooks=[{"name": HOOK, "width": 8}], outlier_ratio=ratio)
+    with ShardWriter.open(root, meta, 0, 1) as w:
+        for c in range(2):
+            rows = np.arange(50 * c, 50 * (c + 1))
+            w.write_chunk(rows.astype(np.int32), np.stack([rows // 10, rows % 10], 1).astype(np.int32),
+                          {HOOK: x[rows]}, sequences_done=c + 1, batches_done=c + 1)
+        w.finish()
+    return x
+
+
+def test_massive_rows_are_flagged_and_skipped(tmp_path):
+    x = _store_with_massive_rows(tmp_path)
+    s = load_store(tmp_path)
+    assert [c.flagged_rows(HOOK).tolist() for c in s.chunks] == [[7], [10]]  # row 60 is row 10 of chunk 1
+    assert s.flagged_count(HOOK) == 2
+    med = np.median(np.linalg.norm(x[:50].astype(np.float16).astype(np.float32), axis=1))
+    assert s.chunks[0].norms[HOOK]["median"] == pytest.approx(med, rel=1e-5)
+    got = np.concatenate([b.numpy() for b in s.batches(HOOK, 7, split="all", drop_last=False, skip_flagged=True)])
+    assert len(got) == 98 and np.abs(got).max() < 50  # both massive rows left out, every other row served
+    every = np.concatenate([b.numpy() for b in s.batches(HOOK, 7, split="all", drop_last=False)])
+    assert len(every) == 100 and np.abs(every).max() > 50
+
+
+def test_verify_and_monitor_report_flagged_share_and_concentration(tmp_path):
+    from saelab.store.check import monitor_snapshot, render_monitor, render_verify, verify_store
+
+    x = _store_with_massive_rows(tmp_path)
+    sq = np.sort(np.linalg.norm(x.astype(np.float16).astype(np.float32), axis=1) ** 2)[::-1]
+    share = sq[:1].sum() / sq.sum()  # the top 0.1% of 100 rows is one row
+    text = render_verify(verify_store(tmp_path))
+    assert f"2 of 100 rows (2.000%) flagged" in text and f"hold {100 * share:.1f}% of the summed" in text
+    assert "2 of 100 rows" in render_monitor(tmp_path, monitor_snapshot(tmp_path))

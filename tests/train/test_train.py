@@ -58,6 +58,9 @@ def test_lr_schedule_known_values():
     assert lr_at(50, 100, 1.0, 10, 0.2) == pytest.approx(1.0)
     assert lr_at(90, 100, 1.0, 10, 0.2) == pytest.approx(0.5)   # 10 of the 20 decay steps left
     assert lr_at(99, 100, 1.0, 0, 0.0) == 1.0
+    # a short run: warmup 100 is capped at 10% of 59 steps (5), so the peak is reached and held
+    lrs = [lr_at(s, 59, 1.0, 100, 0.2) for s in range(59)]
+    assert lrs[4] == pytest.approx(1.0) and lrs[3] == pytest.approx(0.8) and max(lrs) == pytest.approx(1.0)
     assert sparsity_scale_at(4, 10) == pytest.approx(0.5) and sparsity_scale_at(50, 10) == 1.0
 
 
