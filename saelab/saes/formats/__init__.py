@@ -16,8 +16,9 @@ A directory that holds none of these but has exactly one sub-directory that does
 with one hookpoint, a dictionary_learning run with one trainer) resolves to that sub-directory;
 with several, the error lists them. Each reader maps the format's conventions onto saelab's
 (equations in its docstring; shared folding in common.py) and records in `sae.metadata`: `hook`
-(saelab's name, or None when it cannot be mapped), `model` {name}, and `imported` {format, source,
-foreign_hook, notes}. Not here: writing other formats (saelab/export.py).
+(saelab's name, or None when it cannot be mapped), `model` ({}: a foreign name is no saelab model
+id; `saelab import --model` records the real one) and `imported` {format, source, foreign_hook,
+model (the source's model name), notes}. Not here: writing other formats (saelab/export.py).
 """
 from __future__ import annotations
 

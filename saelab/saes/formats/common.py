@@ -169,9 +169,9 @@ def build_sae(fo: Foreign, fmt: str, source: Path, device: str | torch.device = 
         log.warning("%s: no saelab hook point recorded; pass --hook NAME to the tools that use it", source)
     sae.metadata = {
         "hook": fo.hook,
-        "model": {"name": fo.model_name} if fo.model_name else {},
+        "model": {},  # a name alone would not match saelab's model ids; `saelab import --model` fills it
         "imported": {"format": fmt, "source": str(source.resolve()), "foreign_hook": fo.foreign_hook,
-                     "notes": notes, **({"config": fo.extra} if fo.extra else {})},
+                     "model": fo.model_name, "notes": notes, **({"config": fo.extra} if fo.extra else {})},
     }
     return sae.to(device).eval()
 

@@ -76,7 +76,7 @@ def test_dictionary_learning_ae_imports_exactly(tmp_path, agree, dl, cls):
     assert detect_format(tmp_path) == "dictionary-learning"
     ours = load_foreign(tmp_path)  # the run's only trainer
     assert ours.cfg.architecture == ARCH[cls]
-    assert ours.metadata["hook"] == "model.layers.3" and ours.metadata["model"] == {"name": "EleutherAI/pythia-70m"}
+    assert ours.metadata["hook"] == "model.layers.3" and ours.metadata["imported"]["model"] == "EleutherAI/pythia-70m"
     g = torch.Generator().manual_seed(1)
     x = torch.randn(96, D, generator=g) * 2 + 0.5
     with torch.no_grad():

@@ -9,7 +9,7 @@ from saelab.models import load_model, resolve_hooks, splice
 from saelab.saes import REGISTRY, load_sae, make_sae
 from saelab.saes.formats import detect_format, load_foreign
 from saelab.saes.formats.hooks import from_base_model_path, from_transformer_lens, to_transformer_lens
-from tests.helpers import random_ids, tiny_llama
+from tests.helpers import random_ids, tiny_llama, tiny_tokenizer
 
 
 def _npz(path, d=8, f=24):
@@ -121,3 +121,22 @@ def test_imported_sae_splices_into_a_real_model_at_its_mapped_hook(tmp_path):
             ablated = model(ids).logits
     torch.testing.assert_close(spliced, clean, atol=1e-5, rtol=1e-5)
     assert (ablated - clean).abs().max() > 1e-2
+
+
+def test_import_with_model_checks_hook_and_width_and_records_the_model(tmp_path, capsys):
+    model, tok = tiny_llama()
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    d = model.config.hidden_size
+    _npz(tmp_path / "s64" / "params.npz", d=d, f=2 * d)
+    _npz(tmp_path / "s8" / "params.npz", d=8, f=16)
+    llama = str(tmp_path / "llama")
+    assert main(["import", str(tmp_path / "s64"), str(tmp_path / "o1"), "--hook", "model.layers.9", "--model", llama]) == 2
+    assert "model.layers.9" in capsys.readouterr().err  # names the missing hook and the valid range
+    assert main(["import", str(tmp_path / "s8"), str(tmp_path / "o2"), "--hook", "model.layers.1", "--model", llama]) == 2
+    assert f"has width {d}, but the SAE has d_in=8" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "s64"), str(tmp_path / "o3"), "--hook", "model.layers.1", "--model", llama]) == 0
+    assert "(checked)" in capsys.readouterr().out
+    meta = load_sae(tmp_path / "o3").metadata
+    assert meta["hook"] == "model.layers.1" and len(meta["model"]["sha256"]) == 64
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

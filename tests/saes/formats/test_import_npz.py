@@ -78,11 +78,12 @@ def test_cli_import_then_tools_read_it(tmp_path, capsys):
     d.mkdir()
     np.savez(d / "params.npz", **_params())
     out = tmp_path / "imported"
-    assert main(["import", "--format", "npz", str(d), str(out), "--hook", "model.layers.3", "--model", "tiny"]) == 0
+    assert main(["import", "--format", "npz", str(d), str(out), "--hook", "model.layers.3"]) == 0
     text = capsys.readouterr().out
     assert "npz -> saelab jumprelu, d_in=16, d_sae=48" in text and "hook:  model.layers.3" in text
+    assert "unknown (not checked: pass --model)" in text
     sae = load_sae(out)
-    assert sae.metadata["hook"] == "model.layers.3" and sae.metadata["model"] == {"name": "tiny"}
+    assert sae.metadata["hook"] == "model.layers.3" and sae.metadata["model"] == {}
     assert sae.metadata["imported"]["format"] == "npz"
     assert main(["import", "--format", "npz", str(d), str(out)]) == 2  # OUT exists
     assert "--overwrite" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def test_saelens_sae_imports_exactly(tmp_path, agree, name):
     assert detect_format(tmp_path / name) == "saelens"
     ours = load_foreign(tmp_path / name)
     assert ours.cfg.architecture == CASES[name][3]
-    assert ours.metadata["hook"] == "model.layers.3" and ours.metadata["model"] == {"name": "tiny-llama"}
+    assert ours.metadata["hook"] == "model.layers.3" and ours.metadata["imported"]["model"] == "tiny-llama"
     assert ours.metadata["imported"]["foreign_hook"] == "blocks.3.hook_resid_post"
     x = _inputs()
     agree(ours, x, *_reference(sae, x))

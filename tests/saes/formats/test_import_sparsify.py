@@ -37,7 +37,7 @@ def test_sparsify_run_imports_exactly(tmp_path, agree):
     ours = load_foreign(run)  # the run's only hookpoint
     assert ours.cfg.architecture == "topk" and ours.cfg.k == K and (ours.cfg.d_in, ours.cfg.d_sae) == (D, F)
     assert ours.metadata["hook"] == "model.layers.2"
-    assert ours.metadata["model"] == {"name": "HuggingFaceTB/SmolLM2-135M"}
+    assert ours.metadata["imported"]["model"] == "HuggingFaceTB/SmolLM2-135M"
     g = torch.Generator().manual_seed(1)
     x = torch.randn(96, D, generator=g) * 2 + 0.5
     agree(ours, x, *_reference(sc, x))
