@@ -49,7 +49,7 @@ _POSTNORM = {**_LLAMA,
 
 def postnorm_family(model: str | None) -> bool:
     """True for Gemma 2 / 3 models (by name or HF architecture), whose blocks normalise their outputs."""
-    return bool(model) and re.search(r"gemma[-_ ]?[23]", str(model), re.IGNORECASE) is not None
+    return bool(model) and re.search(r"gemma[-_ ]?[23](?!\d*b)", str(model), re.IGNORECASE) is not None  # not gemma-2b
 
 
 def from_transformer_lens(name: str | None, model: str | None = None) -> tuple[str | None, str | None]:

@@ -6,9 +6,11 @@ import torch
 from saelab.cli import main
 from saelab.errors import UsageError
 from saelab.models import load_model, resolve_hooks, splice
-from saelab.saes import REGISTRY, load_sae, make_sae
+from saelab.saes import REGISTRY, load_sae, make_sae, read_cfg
 from saelab.saes.formats import detect_format, load_foreign
-from saelab.saes.formats.hooks import from_base_model_path, from_transformer_lens, to_transformer_lens
+from saelab.saes.formats.hooks import (
+    from_base_model_path, from_transformer_lens, postnorm_family, to_transformer_lens,
+)
 from tests.helpers import random_ids, tiny_llama, tiny_tokenizer
 
 
@@ -32,12 +34,15 @@ def test_load_sae_reads_saelab_and_foreign_directories(tmp_path):
     assert theirs.cfg.architecture == "relu" and theirs.metadata["imported"]["format"] == "npz"
     _saelab(tmp_path / "run" / "sae_best")  # a run directory with one SAE resolves to it
     assert load_sae(tmp_path / "run").cfg.architecture == "topk"
+    assert read_cfg(tmp_path / "theirs")[0].architecture == "relu" and read_cfg(tmp_path / "ours")[0].k == 3
 
 
 def test_directories_without_an_sae(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="holds no SAE.*Expected one of: saelab"):
         load_sae(".")
+    with pytest.raises(UsageError, match="holds no SAE"):
+        read_cfg(".")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UsageError, match="holds no SAE"):
         load_sae(tmp_path)
@@ -88,6 +93,13 @@ def test_transformer_lens_hook_names_both_ways(tl, llama, gemma2):
     assert from_transformer_lens(tl, "google/gemma-2-2b")[0] == gemma2
     assert to_transformer_lens(llama, "LlamaForCausalLM") == tl
     assert to_transformer_lens(gemma2, "Gemma2ForCausalLM") == tl
+
+
+@pytest.mark.parametrize("model, postnorm", [("google/gemma-2-2b", True), ("Gemma2ForCausalLM", True),
+                                             ("google/gemma-3-27b-it", True), ("google/gemma-2b", False),
+                                             ("gemma-7b", False), ("meta-llama/Llama-3.1-8B", False), (None, False)])
+def test_post_norm_family(model, postnorm):
+    assert postnorm_family(model) is postnorm
 
 
 def test_unmapped_hook_names_say_so():

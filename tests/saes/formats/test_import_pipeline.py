@@ -49,8 +49,8 @@ def test_saelens_sae_through_import_evaluate_dashboard_intervene(tmp_path):
             for n in ("from_saelens", "imported"))
     assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-6) and a["l0"] == pytest.approx(16)
 
-    saelab("dashboard", "imported", "--data", "store", "--model", "default", "--out", "dash.html", "--features", "16",
-           "--quiet", cwd=tmp_path)
+    saelab("dashboard", "from_saelens", "--data", "store", "--model", "default", "--out", "dash.html", "--features",
+           "16", "--quiet", cwd=tmp_path)
     assert (tmp_path / "dash.html").stat().st_size > 10_000
     out = saelab("intervene", "imported", "--model", "default", "--corpus", str(corpus), "--ablate", "0",
                  "--tokens", "256", "--max-length", "128", cwd=tmp_path)
