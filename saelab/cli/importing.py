@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saelab.cli import add_common_flags
+from saelab.cli.common import add_common_flags
 from saelab.errors import UsageError
 from saelab.models import list_hook_points, load_model, resolve_hooks
 from saelab.saes import SAE, load_sae

@@ -20,7 +20,6 @@ Shape legend: see saes/base.py. This module deliberately imports the architectur
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,14 +114,6 @@ def require_files(directory: Path, names: list[str], fmt: str) -> None:
                          "Copy the whole directory.")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _f64(t: Tensor) -> Tensor:
     return t.detach().to("cpu", torch.float64)
 
@@ -176,4 +167,4 @@ def build_sae(fo: Foreign, fmt: str, source: Path, device: str | torch.device = 
     return sae.to(device).eval()
 
 
-__all__ = ["Foreign", "build_sae", "check_shapes", "need", "require_files", "file_sha256"]
+__all__ = ["Foreign", "build_sae", "check_shapes", "need", "require_files"]
