@@ -3,13 +3,15 @@
 A reader (saelens.py, sparsify.py, dictionary_learning.py, npz.py) parses its files into a `Foreign`:
 weights in saelab's orientation (W_enc_DF, W_dec_FD, b_enc_F, b_dec_D), the saelab architecture
 that computes the same function, and what it could or could not map (hook, model, notes).
-`build_sae` then applies the conventions that differ between libraries, in float64:
+`build_sae` then applies the conventions that differ between libraries (bias sums in float64):
 
     pre-encoder bias   Some formats compute pre = x W_enc + b_enc with no b_dec subtracted (Gemma
                        Scope, SAELens with apply_b_dec_to_input = false, dictionary_learning's
                        JumpReLU). saelab always computes pre = (x - b_dec) W_enc + b_enc, so
                            b_enc' = b_enc + b_dec W_enc                  (`subtract_b_dec=False`)
-                       gives the same pre-activations (up to float32 rounding of b_enc').
+                       gives the same pre-activations (up to float32 rounding of b_enc'). Weights stay
+                       float32 (a float64 copy of a 131k-wide W_enc would not fit in memory); the sum
+                       is taken in float64, a block of latents at a time.
     JumpReLU           Foreign f = ReLU(pre) 1[pre > θ]; saelab f = pre 1[pre > θ'] with
                            θ' = max(θ, 0)
                        which is the same function for every θ (a negative θ lets ReLU decide).
@@ -114,8 +116,17 @@ def require_files(directory: Path, names: list[str], fmt: str) -> None:
                          "Copy the whole directory.")
 
 
-def _f64(t: Tensor) -> Tensor:
-    return t.detach().to("cpu", torch.float64)
+def _f32(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float32)
+
+
+def fold_input_bias(b_enc_F: Tensor, b_dec_D: Tensor, W_enc_DF: Tensor, block: int = 16384) -> Tensor:
+    """b_enc + b_dec W_enc in float64, `block` latents at a time; returned as float32."""
+    b_dec = b_dec_D.double()
+    out = b_enc_F.double().clone()
+    for lo in range(0, W_enc_DF.shape[1], block):
+        out[lo:lo + block] += b_dec @ W_enc_DF[:, lo:lo + block].double()
+    return out.float()
 
 
 def build_sae(fo: Foreign, fmt: str, source: Path, device: str | torch.device = "cpu") -> SAE:
@@ -126,11 +137,11 @@ def build_sae(fo: Foreign, fmt: str, source: Path, device: str | torch.device = 
     """
     if fo.architecture not in _ARCHS:
         raise UsageError(f"{source}: cannot map to a saelab architecture ({fo.architecture!r}).")
-    W_enc, W_dec = _f64(fo.W_enc_DF), _f64(fo.W_dec_FD)
-    b_enc, b_dec = _f64(fo.b_enc_F), _f64(fo.b_dec_D)
+    W_enc, W_dec = _f32(fo.W_enc_DF), _f32(fo.W_dec_FD)
+    b_enc, b_dec = fo.b_enc_F.detach().cpu(), fo.b_dec_D.detach().cpu()
     D, Fn = W_enc.shape
     if not fo.subtract_b_dec:
-        b_enc = b_enc + b_dec @ W_enc
+        b_enc = fold_input_bias(b_enc, b_dec, W_enc)
     cls, cfg_cls = _ARCHS[fo.architecture]
     opts: dict[str, Any] = {}
     if fo.architecture in ("topk", "batchtopk"):
@@ -147,7 +158,7 @@ def build_sae(fo: Foreign, fmt: str, source: Path, device: str | torch.device = 
         if fo.architecture == "jumprelu":
             if fo.threshold_F is None:
                 raise UsageError(f"{source}: a JumpReLU SAE needs a threshold per latent; none was found.")
-            sae.threshold_F.copy_(_f64(fo.threshold_F).clamp_min(0.0))
+            sae.threshold_F.copy_(fo.threshold_F.detach().cpu().double().clamp_min(0.0))
         if fo.architecture == "batchtopk":
             if fo.batch_threshold is None or fo.batch_threshold < 0:
                 raise UsageError(f"{source}: this BatchTopK SAE has no inference threshold "
@@ -167,4 +178,4 @@ def build_sae(fo: Foreign, fmt: str, source: Path, device: str | torch.device = 
     return sae.to(device).eval()
 
 
-__all__ = ["Foreign", "build_sae", "check_shapes", "need", "require_files"]
+__all__ = ["Foreign", "build_sae", "check_shapes", "need", "require_files", "fold_input_bias"]

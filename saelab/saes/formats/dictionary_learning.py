@@ -125,7 +125,7 @@ def read_dictionary_learning(path: Path) -> Foreign:
         obj = obj["ae"]
     sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     cls = _which(sd, trainer, weights)
-    sd = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     if scale is not None:
         for name in _BIASES[cls]:
             if name != "threshold" or float(sd[name].max()) >= 0:
@@ -181,9 +181,9 @@ def _map(cls: str, sd: dict[str, Tensor], D: int, Fn: int, source: Path) -> Fore
         return Foreign("jumprelu", sd["W_enc"], sd["W_dec"], sd["b_enc"], sd["b_dec"], subtract_b_dec=False,
                        threshold_F=sd["threshold"])
     check_shapes(source, sd, {**lin, "decoder_bias": (D,), "r_mag": (Fn,), "gate_bias": (Fn,), "mag_bias": (Fn,)})
-    e = sd["r_mag"].exp()
-    return Foreign("jumprelu", sd["encoder.weight"].T * e, sd["decoder.weight"].T, sd["mag_bias"], sd["decoder_bias"],
-                   threshold_F=sd["mag_bias"] - e * sd["gate_bias"],
+    e = sd["r_mag"].double().exp()
+    return Foreign("jumprelu", sd["encoder.weight"].T * e.float(), sd["decoder.weight"].T, sd["mag_bias"],
+                   sd["decoder_bias"], threshold_F=sd["mag_bias"].double() - e * sd["gate_bias"].double(),
                    notes=["gated SAE imported as an exactly equivalent JumpReLU (threshold = mag_bias - exp(r_mag) gate_bias)"])
 
 

@@ -65,7 +65,7 @@ def read_npz(path: Path) -> Foreign:
     f = npz_file(path)
     try:
         with np.load(f, allow_pickle=False) as z:
-            w = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float64)) for k in z.files}
+            w = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32)) for k in z.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise UsageError(f"{f} is not a readable .npz archive ({e}).") from None
     missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in w]

@@ -86,7 +86,7 @@ def read_saelens(path: Path) -> Foreign:
                          "'covariance_whitening' (already folded when SAELens saves) can be imported.")
     D, Fn = int(need(cfg, "d_in", cfg_path)), int(need(cfg, "d_sae", cfg_path))
     try:
-        w = {k: v.to(torch.float64) for k, v in load_file(str(path / WEIGHTS)).items()}
+        w = {k: v.float() for k, v in load_file(str(path / WEIGHTS)).items()}
     except SafetensorError as e:
         raise UsageError(f"{path / WEIGHTS} is not a readable safetensors file ({e}).") from None
     expected = {"W_enc": (D, Fn), "W_dec": (Fn, D), "b_dec": (D,)}
@@ -108,9 +108,9 @@ def read_saelens(path: Path) -> Foreign:
         notes.append(f"{scale_name} folded into W_dec (features keep SAELens's scale)")
     threshold, k, sa_arch = None, None, arch
     if arch == "gated":
-        e = w["r_mag"].exp()
-        threshold = w["b_mag"] - e * w["b_gate"]
-        W_enc, b_enc, sa_arch = W_enc * e, w["b_mag"], "jumprelu"
+        e = w["r_mag"].double().exp()
+        threshold = w["b_mag"].double() - e * w["b_gate"].double()
+        W_enc, b_enc, sa_arch = W_enc * e.float(), w["b_mag"], "jumprelu"
         notes.append("gated SAE imported as an exactly equivalent JumpReLU (threshold = b_mag - exp(r_mag) b_gate)")
     else:
         b_enc = w["b_enc"]
@@ -120,8 +120,8 @@ def read_saelens(path: Path) -> Foreign:
         if k is None:
             raise UsageError(f"{cfg_path}: a topk SAE without k (neither 'k' nor activation_fn_kwargs.k).")
         if cfg.get("rescale_acts_by_decoder_norm"):
-            n = W_dec.norm(dim=-1).clamp_min(1e-8)
-            W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+            n = torch.linalg.vector_norm(W_dec, dim=-1, dtype=torch.float64).clamp_min(1e-8)
+            W_enc, b_enc, W_dec = W_enc * n.float(), b_enc.double() * n, W_dec / n.float()[:, None]
             notes.append("rescale_acts_by_decoder_norm folded: decoder rows now have unit norm, features unchanged")
     sa_arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[sa_arch]
 

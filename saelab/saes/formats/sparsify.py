@@ -58,7 +58,7 @@ def read_sparsify(path: Path) -> Foreign:
     Fn = int(cfg.get("num_latents") or 0) or D * int(need(cfg, "expansion_factor", cfg_path))
     k = int(need(cfg, "k", cfg_path))
     try:
-        w = {n: v.to(torch.float64) for n, v in load_file(str(path / WEIGHTS)).items()}
+        w = {n: v.float() for n, v in load_file(str(path / WEIGHTS)).items()}
     except SafetensorError as e:
         raise UsageError(f"{path / WEIGHTS} is not a readable safetensors file ({e}).") from None
     check_shapes(path / WEIGHTS, w, {"encoder.weight": (Fn, D), "encoder.bias": (Fn,), "W_dec": (Fn, D),
