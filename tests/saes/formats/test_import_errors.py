@@ -11,7 +11,7 @@ from saelab.saes.formats import detect_format, load_foreign
 from saelab.saes.formats.hooks import (
     from_base_model_path, from_transformer_lens, postnorm_family, to_transformer_lens,
 )
-from tests.helpers import random_ids, tiny_llama, tiny_tokenizer
+from tests.builders import random_ids, save_tiny_llama, tiny_llama
 
 
 def _npz(path, d=8, f=24):
@@ -136,13 +136,10 @@ def test_imported_sae_splices_into_a_real_model_at_its_mapped_hook(tmp_path):
 
 
 def test_import_with_model_checks_hook_and_width_and_records_the_model(tmp_path, capsys):
-    model, tok = tiny_llama()
-    model.save_pretrained(tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
-    d = model.config.hidden_size
+    llama = str(save_tiny_llama(tmp_path / "llama"))
+    d = 64  # tiny_llama's hidden size
     _npz(tmp_path / "s64" / "params.npz", d=d, f=2 * d)
     _npz(tmp_path / "s8" / "params.npz", d=8, f=16)
-    llama = str(tmp_path / "llama")
     assert main(["import", str(tmp_path / "s64"), str(tmp_path / "o1"), "--hook", "model.layers.9", "--model", llama]) == 2
     assert "model.layers.9" in capsys.readouterr().err  # names the missing hook and the valid range
     assert main(["import", str(tmp_path / "s8"), str(tmp_path / "o2"), "--hook", "model.layers.1", "--model", llama]) == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from saelab import load_sae
-from tests.helpers import make_text_corpus
+from tests.builders import make_text_corpus
 
 
 def saelab(*args: str, cwd) -> str:
