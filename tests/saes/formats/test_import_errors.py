@@ -5,7 +5,7 @@ import torch
 
 from saelab.cli import main
 from saelab.errors import UsageError
-from saelab.models import load_model, resolve_hooks, splice
+from saelab.models import resolve_hooks, splice
 from saelab.saes import REGISTRY, load_sae, make_sae, read_cfg
 from saelab.saes.formats import detect_format, load_foreign
 from saelab.saes.formats.hooks import (
@@ -70,12 +70,6 @@ def test_unknown_format_and_wrong_format(tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'gguf'" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_a_file_named_gguf_that_is_not_gguf(tmp_path):
-    (tmp_path / "model.gguf").write_text("this is not a model")
-    with pytest.raises(UsageError, match=r"is not a GGUF file \(it starts with b'this'"):
-        load_model(str(tmp_path / "model.gguf"))
 
 
 @pytest.mark.parametrize("tl, llama, gemma2", [
