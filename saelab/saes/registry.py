@@ -80,7 +80,10 @@ def read_cfg(path: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
             p.with_name(p.name + ".old").exists() or p.with_name(p.name + ".tmp").exists()) else ""
         raise UsageError(f"{p} is not an SAE directory: {cfg_path} is missing. Pass a directory written "
                          f"by `saelab train` (e.g. runs/NAME/sae_best).{hint}")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{cfg_path} is not valid JSON ({e}). Copy the SAE directory again.") from None
     version = raw.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise UsageError(f"{cfg_path} has format_version {version}, newer than this saelab reads "

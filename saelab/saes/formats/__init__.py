@@ -58,8 +58,8 @@ def _is_saelab_cfg(cfg_path: Path) -> bool:
 
 
 def _format_of_dir(d: Path) -> str | None:
-    if (d / "model.safetensors").is_file() and (d / "cfg.json").is_file() and _is_saelab_cfg(d / "cfg.json"):
-        return "saelab"
+    if (d / "model.safetensors").is_file() and (d / "cfg.json").is_file():
+        return "saelab"  # read_cfg / load_sae check the rest
     if (d / "sae_weights.safetensors").is_file():
         return "saelens"
     if (d / "sae.safetensors").is_file():

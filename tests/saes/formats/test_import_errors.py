@@ -50,6 +50,10 @@ def test_directories_without_an_sae(tmp_path, monkeypatch):
         load_sae(tmp_path / "notes.txt")
     with pytest.raises(UsageError, match="cfg.json is missing"):
         load_sae(tmp_path / "nope")
+    _saelab(tmp_path / "broken")
+    (tmp_path / "broken" / "cfg.json").write_text("{not json")
+    with pytest.raises(UsageError, match="cfg.json is not valid JSON"):
+        load_sae(tmp_path / "broken")
     _saelab(tmp_path / "a" / "final")
     _saelab(tmp_path / "a" / "sae_best")
     with pytest.raises(UsageError, match=r"holds 2 SAEs: final \(saelab\), sae_best \(saelab\)\. Pass one of them"):
