@@ -14,9 +14,12 @@ from saelab.saes.formats import detect_format, load_foreign
 sl = pytest.importorskip("sae_lens", reason="needs the interop extra: pip install -e '.[interop]'")
 from sae_lens import SAE as SLSAE  # noqa: E402
 from sae_lens.saes import (  # noqa: E402
-    BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig,
-    StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig,
+    BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedSAE, GatedSAEConfig, GatedTrainingSAE,
+    GatedTrainingSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig,
+    StandardSAE, StandardSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig, TopKSAE, TopKSAEConfig,
+    TopKTrainingSAE, TopKTrainingSAEConfig,
 )
+from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 D, F = 16, 48
 CASES = {  # name -> (SAELens class, config class, config kwargs, saelab architecture)
@@ -90,6 +93,37 @@ def test_saelens_batchtopk_saved_as_jumprelu(tmp_path, agree):
     assert torch.allclose(ours.threshold_F, torch.full((F,), 0.4))
     x = _inputs()
     agree(ours, x, *_reference(ref, x))
+
+
+TRAINING = {  # SAELens training SAEs: (class, config class, kwargs, saelab architecture after import)
+    "standard": (StandardTrainingSAE, StandardTrainingSAEConfig, {}, "relu"),
+    "topk": (TopKTrainingSAE, TopKTrainingSAEConfig, {"k": 4}, "topk"),  # rescale_acts_by_decoder_norm by default
+    "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, {"k": 4}, "jumprelu"),
+    "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, {}, "jumprelu"),
+    "gated": (GatedTrainingSAE, GatedTrainingSAEConfig, {}, "jumprelu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING))
+def test_trained_by_saelens_and_saved_for_inference(tmp_path, agree, name):
+    """SAELens's own training step for a few Adam steps, then save_inference_model, as its runner ends."""
+    cls, cfg_cls, kw, arch = TRAINING[name]
+    sae = cls(cfg_cls(d_in=D, d_sae=F, **kw))
+    x = _inputs(256, seed=5)
+    coeffs = {k: getattr(v, "value", v) for k, v in sae.get_coefficients().items()}
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for step in range(20):
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coeffs, dead_neuron_mask=None,
+                                                       n_training_steps=step, is_logging_step=False))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    sae.save_inference_model(tmp_path / name)
+    ref = SLSAE.load_from_disk(tmp_path / name)
+    ours = load_foreign(tmp_path / name)
+    assert ours.cfg.architecture == arch
+    x_test = _inputs(seed=6)
+    agree(ours, x_test, *_reference(ref, x_test))
 
 
 def _trained_saelab(name, tied=False):
