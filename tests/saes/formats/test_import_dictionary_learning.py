@@ -5,6 +5,7 @@ installed: `make setup` installs dictionary-learning with --no-deps). The dictio
 only torch and einops, so the tests import those modules from the installed package directly.
 """
 import importlib.util
+import inspect
 import json
 import sys
 import types
@@ -34,7 +35,12 @@ def dl():
     top_k = importlib.import_module("dictionary_learning.trainers.top_k")
     batch_top_k = importlib.import_module("dictionary_learning.trainers.batch_top_k")
     matryoshka = importlib.import_module("dictionary_learning.trainers.matryoshka_batch_top_k")
+    standard = importlib.import_module("dictionary_learning.trainers.standard")
+    trainers = importlib.import_module("dictionary_learning.trainers")
     return types.SimpleNamespace(
+        trainers={c.__name__: c for c in (trainers.StandardTrainer, standard.StandardTrainerAprilUpdate,
+                                          trainers.TopKTrainer, trainers.BatchTopKTrainer, trainers.JumpReluTrainer,
+                                          trainers.GatedSAETrainer, matryoshka.MatryoshkaBatchTopKTrainer)},
         AutoEncoder=dictionary.AutoEncoder, AutoEncoderNew=dictionary.AutoEncoderNew,
         GatedAutoEncoder=dictionary.GatedAutoEncoder, JumpReluAutoEncoder=dictionary.JumpReluAutoEncoder,
         AutoEncoderTopK=top_k.AutoEncoderTopK, BatchTopKSAE=batch_top_k.BatchTopKSAE,
@@ -85,6 +91,34 @@ def test_dictionary_learning_ae_imports_exactly(tmp_path, agree, dl, cls):
     agree(ours, x, f, x_hat)
     ours.save(tmp_path / "saelab")
     agree(load_sae(tmp_path / "saelab"), x, f, x_hat)
+
+
+TRAINED = {"StandardTrainer": "relu", "StandardTrainerAprilUpdate": "relu", "TopKTrainer": "topk",
+           "BatchTopKTrainer": "batchtopk", "MatryoshkaBatchTopKTrainer": "batchtopk", "JumpReluTrainer": "jumprelu",
+           "GatedSAETrainer": "jumprelu"}
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINED))
+def test_trained_by_dictionary_learning(tmp_path, agree, dl, trainer):
+    """40 steps of the library's own trainer, saved as its training loop saves (config.json, ae.pt)."""
+    cls = dl.trainers[trainer]
+    wanted = dict(steps=40, activation_dim=D, dict_size=F, k=K, layer=3, lm_name="m", warmup_steps=5,
+                  sparsity_warmup_steps=5, threshold_start_step=5, device="cpu", submodule_name="resid_post_layer_3",
+                  group_fractions=[0.25, 0.75], seed=0)
+    params = inspect.signature(cls.__init__).parameters
+    tr = cls(**{k: v for k, v in wanted.items() if k in params})
+    x = torch.randn(2048, D, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
+    for step in range(40):
+        tr.update(step, x[(step * 256) % 2048:][:256])
+    (tmp_path / "trainer_0").mkdir()
+    (tmp_path / "trainer_0" / "config.json").write_text(json.dumps({"trainer": tr.config}, indent=4, default=str))
+    torch.save({k: v.cpu() for k, v in tr.ae.state_dict().items()}, tmp_path / "trainer_0" / "ae.pt")
+    ours = load_foreign(tmp_path)
+    assert ours.cfg.architecture == TRAINED[trainer] and ours.metadata["hook"] == "model.layers.3"
+    with torch.no_grad():
+        f = tr.ae.encode(x[:128])
+        x_hat = tr.ae.decode(f)
+    agree(ours, x[:128], f, x_hat)
 
 
 def test_training_backup_is_scaled_like_the_training_loop(tmp_path, agree, dl):

@@ -46,6 +46,25 @@ def test_sparsify_run_imports_exactly(tmp_path, agree):
     agree(load_sae(tmp_path / "saelab"), x, *_reference(sc, x))
 
 
+def test_sparsify_coder_trained_with_its_own_step(tmp_path, agree):
+    """The pieces of sparsify's Trainer step: fvu + AuxK loss, gradient parallel to the decoder rows
+    removed, Adam, decoder rows renormalised."""
+    sc = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=F, k=K))
+    x = torch.randn(1024, D, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
+    opt = torch.optim.Adam(sc.parameters(), lr=3e-3)
+    for step in range(30):
+        out = sc(x[(step * 128) % 1024:][:128], dead_mask=torch.rand(F) < 0.2)
+        (out.fvu + out.auxk_loss).backward()
+        sc.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sc.set_decoder_norm_to_unit_norm()
+    sc.save_to_disk(tmp_path / "layers.0.mlp")
+    ours = load_foreign(tmp_path / "layers.0.mlp")
+    assert ours.metadata["hook"] == "model.layers.0.mlp"
+    agree(ours, x[:96], *_reference(sc, x[:96]))
+
+
 def test_sparsify_run_with_several_hookpoints_asks_which(tmp_path):
     for hp in ("layers.0", "layers.1.mlp"):
         _coder().save_to_disk(tmp_path / "run" / hp)
