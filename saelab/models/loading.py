@@ -248,6 +248,11 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
         if not gguf.is_file():
             raise UsageError(f"model file {gguf} does not exist. Pass an existing .gguf file, a "
                              "model directory, a hub id, or `default` to --model.")
+        with open(gguf, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":  # the GGUF reader would fail deep inside with a traceback
+            raise UsageError(f"{gguf} is not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF'). "
+                             "Pass a real .gguf model, a model directory, a hub id, or `default`.")
         sha = file_sha256(gguf)
         cache = _gguf_cache_dir(gguf, sha, quiet)
         model, tok = _from_dir(cache, "float32" if dtype == "auto" else dtype, device)

@@ -24,6 +24,7 @@ from saelab.config import config_from_dict
 from saelab.errors import UsageError, raise_all
 from saelab.saes.base import FORMAT_VERSION, SAE, InitDirs, SAEConfig
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.saes.formats import load_foreign, resolve
 from saelab.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saelab.saes.relu import ReLUConfig, ReLUSAE
 from saelab.saes.topk import TopKConfig, TopKSAE
@@ -54,20 +55,35 @@ def make_sae(cfg: SAEConfig, init_dirs_FD: InitDirs = None, d_in: int | None = N
     return sae.to(device) if device else sae
 
 
+def _locate(path: str | Path) -> tuple[str, Path]:
+    """(format, where the SAE is) of an existing path; a missing one is left to read_cfg, whose
+    message points at a half-finished save (.tmp / .old)."""
+    p = Path(path).expanduser()
+    return resolve(p) if p.exists() else ("saelab", p)
+
+
 def read_cfg(path: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
     """Parse `path/cfg.json` into the architecture's config; returns (cfg, raw dict).
+
+    Another library's SAE (saes/formats) gives the config of the saelab SAE it maps to.
 
     Raises:
         UsageError: missing file, newer format_version, or unknown architecture.
     """
-    p = Path(path)
+    fmt, p = _locate(path)
+    if fmt != "saelab":
+        sae = load_foreign(p, fmt)
+        return sae.cfg, sae.config_dict()
     cfg_path = p / "cfg.json"
     if not cfg_path.is_file():
         hint = f" A half-finished save may have left {p.name}.old or {p.name}.tmp beside it." if (
             p.with_name(p.name + ".old").exists() or p.with_name(p.name + ".tmp").exists()) else ""
         raise UsageError(f"{p} is not an SAE directory: {cfg_path} is missing. Pass a directory written "
                          f"by `saelab train` (e.g. runs/NAME/sae_best).{hint}")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{cfg_path} is not valid JSON ({e}). Copy the SAE directory again.") from None
     version = raw.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise UsageError(f"{cfg_path} has format_version {version}, newer than this saelab reads "
@@ -88,10 +104,16 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     metadata.json (a flipped byte anywhere is caught), the exact set of tensor names, their shapes,
     and that every value is finite.
 
+    SAEs written by SAELens, sparsify, dictionary_learning or as .npz are read by
+    `saes.formats.load_foreign`, which maps their conventions; a path holding no SAE, or several, is
+    a UsageError that says so.
+
     Raises:
         UsageError: naming what is wrong (missing/extra tensors by name, bad shapes, ...).
     """
-    p = Path(path)
+    fmt, p = _locate(path)
+    if fmt != "saelab":
+        return load_foreign(p, fmt, device)
     cfg, _ = read_cfg(p)
     weights = p / "model.safetensors"
     if not weights.is_file():
