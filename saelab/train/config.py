@@ -195,6 +195,7 @@ def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None) 
     """Fill the fields left unset (None) by flags and YAML; the one place "auto" is decided.
 
         value = user's value  if set,  else lora_defaults[field]  if given,  else AUTO_DEFAULTS[field]
+        architecture = relu   when unset and --l1-coeff is given (the Kimi-K2 recipe's ReLU + L1 SAE)
 
     Args:
         cfg: a TrainConfig; fields already set are kept.
@@ -203,6 +204,10 @@ def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None) 
         a TrainConfig with no unset AUTO_DEFAULTS field (cfg itself when nothing was unset).
     """
     fill = {**AUTO_DEFAULTS, **{k: v for k, v in (lora_defaults or {}).items() if k in AUTO_DEFAULTS}}
+    if cfg.architecture is None and cfg.l1_coeff is not None:
+        fill["architecture"] = "relu"
+        log.warning("--l1-coeff without --architecture: training a ReLU + L1 SAE (the architecture an L1 "
+                    "coefficient belongs to); pass --architecture to choose another")
     changes = {k: (list(v) if isinstance(v, list) else v) for k, v in fill.items() if getattr(cfg, k) is None}
     if not changes:
         return cfg

@@ -618,3 +618,14 @@ def test_saelab_train_recovers_a_planted_dictionary(tmp_path):
     dirs_FD = planted_directions(d_in=32, n_features=64, seed=5)
     assert recovered_fraction(sae.W_dec_FD, dirs_FD) >= 0.8
     assert recovered_fraction(torch.randn(128, 32), dirs_FD) < 0.1  # chance level of the same measure
+
+
+def test_recipe_l1_coeff_without_architecture_trains_relu(store, tmp_path, capsys):
+    """The Kimi-K2 recipe gives --l1_coeff and no architecture: it gets the recipe's ReLU + L1 SAE."""
+    argv = ["train", "--data_dir", str(store), "--output_dir", str(tmp_path / "r"), "--l1_coeff", "1e-3",
+            "--batch_size", "128", "--tokens", str(128 * 8), "--eval-every", "0", "--checkpoint-every", "0",
+            "--init-tokens", "512", "--quiet"]
+    assert main(argv) == 0
+    assert "training a ReLU + L1 SAE" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "r" / "final" / "cfg.json").read_text())
+    assert cfg["architecture"] == "relu" and cfg["l1_coeff"] == pytest.approx(1e-3)
