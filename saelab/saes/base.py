@@ -232,6 +232,11 @@ class SAE(nn.Module):
 
             remove_parallel_grad_(self.W_dec_FD.grad, self.W_dec_FD)
 
+    def reduce_step_state_(self, reduce_max, reduce_sum) -> None:
+        """Under DDP, before `after_optimizer_step_`: combine the per-rank state a step gathered
+        (e.g. which latents fired) so every rank applies the global batch's. `reduce_max` and
+        `reduce_sum` map a tensor to its max / sum over ranks. Nothing to combine here."""
+
     @torch.no_grad()
     def after_optimizer_step_(self) -> None:
         """Renormalise decoder rows to unit norm."""

@@ -170,6 +170,12 @@ class TopKSAE(SAE):
         self._pending_fired_F = fired_F if self._pending_fired_F is None else self._pending_fired_F | fired_F
         self._pending_tokens += n_tokens
 
+    def reduce_step_state_(self, reduce_max, reduce_sum) -> None:
+        """The global batch's firing and token count, so every rank's dead-latent counters agree."""
+        if self._pending_fired_F is not None:
+            self._pending_fired_F = reduce_max(self._pending_fired_F.to(torch.int32)).bool()
+            self._pending_tokens = int(reduce_sum(torch.tensor(self._pending_tokens, dtype=torch.int64)))
+
     @torch.no_grad()
     def after_optimizer_step_(self) -> None:
         """Renormalise decoder rows; update the dead-latent counters from the batches since the last step."""

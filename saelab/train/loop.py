@@ -154,6 +154,16 @@ def _all_reduce_grads_(sae: torch.nn.Module, world: int) -> None:
         offset += g.numel()
 
 
+def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
 def _broadcast_state_(sae: torch.nn.Module) -> None:
     for t in list(sae.parameters()) + list(sae.buffers()):
         dist.broadcast(t.data, src=0)
@@ -311,6 +321,7 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
 
         out = sae.training_loss(x_BD, sparsity_scale);  check out.loss finite;  out.loss.backward()
         (DDP: grads <- mean over ranks);  check grads finite;  before_optimizer_step_;  Adam(lr);
+        (DDP: reduce_step_state_, e.g. TopK's fired latents over the global batch);
         after_optimizer_step_;  check weights finite;  dead.update_(out.fired_F, max over ranks)
 
     Raises:
@@ -333,6 +344,8 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
     _check_grads(run, step, kept)
     run.sae.before_optimizer_step_()
     run.optimizer.step()
+    if world > 1:
+        run.sae.reduce_step_state_(_all_reduce_max, _all_reduce_sum)
     run.sae.after_optimizer_step_()
     _check_weights(run, step, kept)
     fired_F = o.fired_F.detach()
