@@ -89,9 +89,9 @@ def test_a_larger_tokens_extends_a_complete_store_to_what_one_run_writes(llama_d
     assert load_store(tmp_path / "grown").num_tokens == direct.tokens
 
 
-def test_out_under_a_regular_file_fails_before_the_model_loads(tmp_path):
+def test_out_under_a_regular_file_fails_before_the_model_loads(corpus_dir, tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    cfg = cfg_for(tmp_path / "no_such_model", tmp_path, tmp_path / "file" / "store")
+    cfg = cfg_for(tmp_path / "no_such_model", corpus_dir, tmp_path / "file" / "store")
     with pytest.raises(UsageError) as e:
         collect(cfg, quiet=True)
     msg = str(e.value)
@@ -100,11 +100,11 @@ def test_out_under_a_regular_file_fails_before_the_model_loads(tmp_path):
     assert "resume" not in msg and "intact" not in msg, "there is nothing to resume"
 
 
-def test_locked_shard_fails_before_the_model_loads_naming_the_holder(tmp_path, capsys):
+def test_locked_shard_fails_before_the_model_loads_naming_the_holder(corpus_dir, tmp_path, capsys):
     from tests.builders import id_store_meta
 
     with ShardWriter.open(tmp_path / "s", id_store_meta(), 0, 1):
-        rc = main(["collect", "--model", str(tmp_path / "no_such_model"), "--corpus", str(tmp_path),
+        rc = main(["collect", "--model", str(tmp_path / "no_such_model"), "--corpus", str(corpus_dir),
                    "--out", str(tmp_path / "s"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err

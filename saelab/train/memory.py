@@ -5,7 +5,8 @@ Per SAE of a sweep (fp32, P parameters, batch B, d_in D, d_sae F):
     P          = D F (W_dec) + [D F (W_enc), unless tied] + F + D (biases)
     weights    = 4 P bytes x 4 copies        (parameters, gradients, Adam exp_avg and exp_avg_sq)
     activations= 4 B (3 F + 3 D) bytes       (pre-activations, codes and their gradient; x, x_hat, error)
-    needed     = sum over the sweep of weights + activations
+    needed     = sum over the sweep of weights + max over the sweep of activations
+                 (the SAEs of a sweep step one after another on the same batch)
 
 compared with what the device has free: MemAvailable of /proc/meminfo (os.sysconf's available
 pages where there is no /proc) on the CPU, `torch.cuda.mem_get_info` on a GPU. Deliberately
@@ -24,10 +25,19 @@ FP32 = 4
 COPIES = 4
 
 
+def weight_bytes(d_in: int, d_sae: int, tied: bool = False) -> int:
+    """Parameters, gradients and Adam state of one SAE (see the module docstring)."""
+    return FP32 * COPIES * (d_in * d_sae * (1 if tied else 2) + d_sae + d_in)
+
+
+def activation_bytes(d_in: int, d_sae: int, batch_size: int) -> int:
+    """One training step's activations of one SAE (see the module docstring)."""
+    return FP32 * batch_size * (3 * d_sae + 3 * d_in)
+
+
 def sae_bytes(d_in: int, d_sae: int, batch_size: int, tied: bool = False) -> int:
-    """Bytes one SAE needs to train (see the module docstring)."""
-    params = d_in * d_sae * (1 if tied else 2) + d_sae + d_in
-    return FP32 * COPIES * params + FP32 * batch_size * (3 * d_sae + 3 * d_in)
+    """Bytes one SAE needs to train."""
+    return weight_bytes(d_in, d_sae, tied) + activation_bytes(d_in, d_sae, batch_size)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -58,7 +68,8 @@ def check_memory(sae_cfgs: list, batch_size: int, device: torch.device, availabl
     Raises:
         UsageError: saying how much is needed and how much is free.
     """
-    need = sum(sae_bytes(c.d_in, c.d_sae, batch_size, getattr(c, "tied", False)) for c in sae_cfgs)
+    need = (sum(weight_bytes(c.d_in, c.d_sae, getattr(c, "tied", False)) for c in sae_cfgs)
+            + max(activation_bytes(c.d_in, c.d_sae, batch_size) for c in sae_cfgs))
     free = available_bytes(device) if available is None else available
     if free is not None and need > free:
         sizes = ", ".join(f"d_sae {c.d_sae:,}" for c in sae_cfgs)

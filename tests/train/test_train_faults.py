@@ -272,6 +272,8 @@ def test_d_sae_too_large_is_refused_before_allocating(store, tmp_path, capsys):
     assert check_memory([c], 4096, torch.device("cpu"), available=need) == need
     with pytest.raises(UsageError, match=r"needs about .* MiB .* but only .* MiB is free"):
         check_memory([c], 4096, torch.device("cpu"), available=need - 1)
+    act = 4 * 4096 * (3 * 1152 + 3 * 576)  # a sweep's SAEs step one after another: one batch of activations
+    assert check_memory([c, c], 4096, torch.device("cpu"), available=2 * need) == 2 * need - act
 
 
 def test_device_cuda_without_cuda_is_a_usage_error(store, tmp_path, capsys):
