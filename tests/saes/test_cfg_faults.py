@@ -33,3 +33,17 @@ def test_saved_cfg_json_describes_the_sae_it_holds(tmp_path, d_sae, factor):
     assert (cfg["d_in"], cfg["d_sae"], cfg["expansion_factor"]) == (576, d_sae, factor)
     loaded = load_sae(tmp_path / "sae")
     assert loaded.cfg.expansion_factor == factor and loaded.W_dec_FD.shape == torch.Size([d_sae, 576])
+
+
+@pytest.mark.parametrize("content", [b"\x80\x04\x95 a pickle", b"garbage" * 20])
+def test_foreign_model_safetensors_is_named(tmp_path, content):
+    from saelab.atomic import sha256_file
+    from saelab.errors import UsageError
+
+    identity_sae(4).save(tmp_path / "sae")
+    w = tmp_path / "sae" / "model.safetensors"
+    w.write_bytes(content)
+    meta = json.loads((tmp_path / "sae" / "metadata.json").read_text())
+    (tmp_path / "sae" / "metadata.json").write_text(json.dumps({**meta, "weights_sha256": sha256_file(w)}))
+    with pytest.raises(UsageError, match=rf"{w} is not a readable safetensors file"):
+        load_sae(tmp_path / "sae")

@@ -284,3 +284,13 @@ def test_device_cuda_without_cuda_is_a_usage_error(store, tmp_path, capsys):
     assert rc == 2 and "--device cuda" in err and "--device cpu" in err and "Traceback" not in err
     assert main(_train_args(store, tmp_path / "run", "--device", "gpu")) == 2
     assert "is not a device" in capsys.readouterr().err
+
+
+def test_evaluating_on_nan_validation_rows_is_refused():
+    from saelab.train.validation import evaluate_sae
+    from tests.builders import identity_sae
+
+    x_BD = torch.ones(4, 3)
+    x_BD[1, 2] = float("inf")
+    with pytest.raises(UsageError, match="validation batch has 1 NaN/inf values"):
+        evaluate_sae(identity_sae(3), [torch.ones(2, 3), x_BD], torch.device("cpu"))
