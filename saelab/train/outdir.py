@@ -6,13 +6,15 @@
                      with no checkpoint yet, start it again if OUT/config.json matches, or
         --overwrite  delete the previous run's files (only those saelab writes) and start again
 
-A previous run is recognised by the files `train` writes (RUN_FILES, step checkpoints) at OUT or one
-level down (the members of a sweep); files saelab does not write are never deleted.
+A previous run is recognised by the files `train` writes (RUN_FILES, step checkpoints) at OUT, and
+one level down in directories named like a sweep member (`topk_k32_x8`) when OUT/config.json marks
+OUT as a run; other files and directories (e.g. other runs under a shared `runs/`) are never touched.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILES = ("sae_best", "final", "config.json", "metrics.jsonl", "tb", "training_curves.png")
 """What a run writes into OUT (or OUT/<name>/ for a member of a sweep), besides step checkpoints."""
+MEMBER_RE = re.compile(r"^[a-z]+(_k\d+)?_x[\d.]+$")
+"""Names `sae_configs` gives the members of a sweep: architecture, k, expansion (topk_k32_x8)."""
 
 
 def enclosing_store(out: Path) -> Path | None:
@@ -43,11 +47,11 @@ def previous_run(out: Path) -> list[Path]:
     """saelab's files of an earlier run in `out`: its own and those of sweep members one level down."""
     if not out.is_dir():
         return []
-    found = []
+    found, is_run = [], (out / "config.json").is_file()
     for p in sorted(out.iterdir()):
         if _is_run_file(p):
             found.append(p)
-        elif p.is_dir() and not p.is_symlink():
+        elif is_run and MEMBER_RE.match(p.name) and p.is_dir() and not p.is_symlink():
             found += [q for q in sorted(p.iterdir()) if q.name in RUN_FILES and q.name != "config.json"]
     return found
 

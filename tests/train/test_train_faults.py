@@ -294,3 +294,19 @@ def test_evaluating_on_nan_validation_rows_is_refused():
     x_BD[1, 2] = float("inf")
     with pytest.raises(UsageError, match="validation batch has 1 NaN/inf values"):
         evaluate_sae(identity_sae(3), [torch.ones(2, 3), x_BD], torch.device("cpu"))
+
+
+def test_overwrite_deletes_only_the_runs_own_files(store, tmp_path):
+    out = tmp_path / "runs"
+    train(tiny_cfg(store, out / "sweep", k=[2, 3]), quiet=True)  # members topk_k2_x2, topk_k3_x2
+    train(tiny_cfg(store, out / "single"), quiet=True)
+    (out / "sweep" / "notes.txt").write_text("mine")
+    (out / "sweep" / "topk_k2_x2" / "plot.png").write_bytes(b"mine")
+    # --out runs/ is not a run (no runs/config.json): the runs below it are not its members
+    res = train(tiny_cfg(store, out, checkpoint_every=0), quiet=True)
+    assert res.best_dir == out / "sae_best" and (out / "single" / "sae_best").is_dir()
+    res = train(tiny_cfg(store, out / "sweep", overwrite=True, checkpoint_every=0), quiet=True)
+    left = sorted(str(p.relative_to(out / "sweep")) for p in (out / "sweep").rglob("*") if "tb" not in p.parts)
+    assert "notes.txt" in left and "topk_k2_x2/plot.png" in left
+    assert not (out / "sweep" / "topk_k3_x2").exists() and not (out / "sweep" / "topk_k2_x2" / "sae_best").exists()
+    assert (out / "sweep" / "sae_best").is_dir() and (out / "single" / "sae_best").is_dir()
