@@ -42,7 +42,8 @@ from saelab.errors import UsageError
 from saelab.models import ModelConfig, capture, layer_hook, load_model_from, resolve_hooks, tokenizer_info
 from saelab.models.lora import default_store_name, join_lora_specs, slices_json
 from saelab.store import ShardWriter, hook_key
-from saelab.store.writer import preflight, raise_tokens_target
+from saelab.store.lock import preflight
+from saelab.store.writer import raise_tokens_target
 from saelab.store.check import verify_store
 from saelab.store.format import OUTLIER_RATIO, shard_target
 

@@ -33,7 +33,7 @@ from saelab.store.format import (
     MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, TOP_SHARE, check_format_version, concentration, read_json,
     sha256_file, shard_dir_name, shard_target,
 )
-from saelab.store.writer import shard_is_locked
+from saelab.store.lock import shard_is_locked
 
 _BLOCK_ROWS = 1 << 16
 _SHARD_RE = re.compile(r"^shard_(\d{5})$")

@@ -18,8 +18,7 @@ chunk files in a shard without a manifest, make it refuse (`saelab verify --rebu
 rebuilds a lost manifest). A full disk or a read-only directory becomes a UsageError that says so
 (and that re-running resumes, when there is something to resume).
 
-`preflight(root, shard)` runs the checks that need no model (an --out under a regular file, a shard
-locked by another writer, whose pid and host the lock file names) so collect can fail before loading one.
+Locking a shard and the checks collect makes before loading a model live in lock.py.
 """
 from __future__ import annotations
 
@@ -36,10 +35,11 @@ import numpy as np
 
 from saelab.errors import DataError, UsageError
 from saelab.store.format import (
-    FORMAT_VERSION, FP16_MAX, LOCK_FILE, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
+    FORMAT_VERSION, FP16_MAX, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
     check_format_version, check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header,
     os_error_to_usage, outlier_flags, read_json, sha256_file, shard_dir_name, write_bytes_atomic,
 )
+from saelab.store.lock import lock_shard, preflight
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class ShardWriter:
         except OSError as e:
             raise os_error_to_usage(e, shard_dir, "cannot create the store: ", resumable=False) from None
         meta = _create_or_check_store_json(root, meta)
-        lock_fd = _lock_shard(shard_dir, shard, root)
+        lock_fd = lock_shard(shard_dir, shard, root)
         try:
             manifest = _load_or_new_manifest(shard_dir, shard, num_shards)
             _clean_shard_dir(shard_dir, manifest)
@@ -425,35 +425,6 @@ def _create_or_check_store_json(root: Path, meta: dict) -> dict:
     return existing
 
 
-def _lock_shard(shard_dir: Path, shard: int, root: Path) -> int:
-    """flock the shard and write `pid host` into the lock file, so a refused writer can name us."""
-    import fcntl
-
-    path = shard_dir / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise os_error_to_usage(e, path, "cannot open the shard: ", resumable=False) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise _locked_error(path, shard, root) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    return fd
-
-
-def _locked_error(lock: Path, shard: int, root: Path) -> UsageError:
-    try:
-        pid, _, host = lock.read_text().strip().partition(" ")
-    except OSError:
-        pid = host = ""
-    holder = f"pid {pid} on host {host}, " if pid and host else ""
-    return UsageError(f"shard {shard} of {root} is being written by another process ({holder}holding {lock}). "
-                      "Wait for it to finish, stop it, or give this run another --shard.")
-
-
 def raise_tokens_target(root: str | Path, tokens: int) -> None:
     """Record a larger token target in store.json (what `saelab monitor` measures progress against)."""
     path = Path(root) / STORE_JSON
@@ -461,41 +432,6 @@ def raise_tokens_target(root: str | Path, tokens: int) -> None:
     if int(meta.get("tokens_target") or 0) < tokens:
         meta["tokens_target"] = int(tokens)
         write_bytes_atomic(path, json_bytes(meta))
-
-
-def preflight(root: str | Path, shard: int) -> None:
-    """Checks that need no model, so collect can fail before loading one.
-
-    Raises:
-        UsageError: `root` (or a parent) is a regular file, or shard `shard` is locked by a live writer.
-    """
-    root = Path(root)
-    for p in (root, *root.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                raise UsageError(f"--out {root}: {p} is a regular file, not a directory, so the store cannot "
-                                 "be created there. Choose another --out.")
-            break
-    lock = root / shard_dir_name(shard) / LOCK_FILE
-    if shard_is_locked(lock.parent):
-        raise _locked_error(lock, shard, root)
-
-
-def shard_is_locked(shard_dir: Path) -> bool:
-    """True when a live writer holds the shard (used by `saelab monitor`)."""
-    import fcntl
-
-    try:
-        fd = os.open(shard_dir / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _load_or_new_manifest(shard_dir: Path, shard: int, num_shards: int) -> dict:
