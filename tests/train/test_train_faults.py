@@ -310,3 +310,14 @@ def test_overwrite_deletes_only_the_runs_own_files(store, tmp_path):
     assert "notes.txt" in left and "topk_k2_x2/plot.png" in left
     assert not (out / "sweep" / "topk_k3_x2").exists() and not (out / "sweep" / "topk_k2_x2" / "sae_best").exists()
     assert (out / "sweep" / "sae_best").is_dir() and (out / "single" / "sae_best").is_dir()
+
+
+def test_eval_only_on_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from tests.builders import identity_sae
+
+    identity_sae(4).save(tmp_path / "sae")
+    assert main(["train", "--eval-only", "--load-checkpoint", str(tmp_path / "sae"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "Traceback" not in err
