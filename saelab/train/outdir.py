@@ -70,8 +70,8 @@ def check_out_dir(cfg, has_checkpoint: bool) -> list[Path]:
     out, resume, overwrite = Path(cfg.out), cfg.resume, cfg.overwrite
     store = enclosing_store(out.resolve())
     if store is not None:
-        raise UsageError(f"--out {out} is inside the activation store {store}. `saelab verify` would report the "
-                         "run's files as damage and a later `saelab collect` could remove them. Choose an --out "
+        raise UsageError(f"--out {out} is inside the activation store {store}. A store's directories belong to its "
+                         "writers, and `saelab verify` would report the run's files as damage. Choose an --out "
                          f"outside {store} (e.g. runs/NAME).")
     old = previous_run(out)
     if not old or (resume and has_checkpoint):
