@@ -2,7 +2,7 @@
 
 Only an explicit command does this (collect and verify never do): a manifest is what says a chunk
 is complete, so a rebuilt one is written only after every chunk file has been checked, and only
-for a shard whose manifest is missing (or unreadable, which is moved aside to manifest.json.damaged).
+for a shard whose manifest is missing (or unreadable: it is moved to STORE/shard_XXXXX.manifest.json.damaged).
 
 Checks, per chunk index c = 0, 1, ... (contiguous from 0) and store.json's hooks h of width D_h:
 
@@ -84,8 +84,8 @@ def rebuild_manifests(path: str | Path) -> RebuildReport:
     for shard, entries in plans.items():
         sdir = root / shard_dir_name(shard)
         mpath = sdir / MANIFEST_JSON
-        if mpath.exists():
-            os.replace(mpath, mpath.with_name(MANIFEST_JSON + ".damaged"))
+        if mpath.exists():  # kept beside the shard, where verify does not count it as a stray file
+            os.replace(mpath, root / f"{sdir.name}.{MANIFEST_JSON}.damaged")
         tokens = sum(e.num_tokens for e in entries)
         last = entries[-1]
         now = time.time()

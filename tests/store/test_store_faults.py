@@ -172,3 +172,14 @@ def test_lock_message_names_the_holders_pid_and_host(tmp_path):
         w.write_chunk(*chunk_arrays(0, 0, 5), sequences_done=1, batches_done=1)
         with pytest.raises(UsageError, match=rf"pid {os.getpid()} on host {socket.gethostname()}"):
             ShardWriter.open(root, id_store_meta(), 0, 1)
+
+
+def test_rebuild_replaces_an_unreadable_manifest_and_keeps_it_aside(tmp_path):
+    root = _synthetic(tmp_path / "s")
+    mpath = root / SHARD0 / "manifest.json"
+    original = json.loads(mpath.read_text())
+    mpath.write_text(mpath.read_text()[:100])  # truncated
+    assert not verify_store(root).ok
+    assert main(["verify", "--rebuild-manifest", str(root)]) == 0
+    assert [c["files"] for c in json.loads(mpath.read_text())["chunks"]] == [c["files"] for c in original["chunks"]]
+    assert (root / f"{SHARD0}.manifest.json.damaged").read_text() == json.dumps(original, indent=1, sort_keys=True)[:100]
