@@ -66,6 +66,7 @@ def digest(path: Path) -> dict[str, str]:
 def test_collect_refuses_to_delete_chunks_of_a_lost_manifest(llama_dir, corpus_dir, tmp_path):
     collect(cfg_for(llama_dir, corpus_dir, tmp_path / "s", tokens=150), quiet=True)
     sdir = tmp_path / "s" / "shard_00000"
+    original = json.loads((sdir / "manifest.json").read_text())
     (sdir / "manifest.json").unlink()
     chunks = sorted(p.name for p in sdir.glob("chunk_*"))
     assert len(chunks) >= 6
@@ -73,6 +74,10 @@ def test_collect_refuses_to_delete_chunks_of_a_lost_manifest(llama_dir, corpus_d
         collect(cfg_for(llama_dir, corpus_dir, tmp_path / "s", tokens=150), quiet=True)
     assert sorted(p.name for p in sdir.glob("chunk_*")) == chunks, "collect deleted chunk files it did not write"
     assert main(["verify", "--rebuild-manifest", str(tmp_path / "s")]) == 0
+    rebuilt = json.loads((sdir / "manifest.json").read_text())
+    same = lambda c: {k: v for k, v in c.items() if k != "written_at"}  # noqa: E731
+    assert [same(c) for c in rebuilt["chunks"]] == [same(c) for c in original["chunks"]]  # incl. outlier flags
+    assert (rebuilt["sequences_done"], rebuilt["batches_done"]) == (original["sequences_done"], original["batches_done"])
     res = collect(cfg_for(llama_dir, corpus_dir, tmp_path / "s", tokens=150), quiet=True)
     assert res.tokens >= 150 and sorted(p.name for p in sdir.glob("chunk_*")) == chunks
 

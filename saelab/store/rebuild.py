@@ -16,6 +16,8 @@ and the progress each entry records, from the chunk's own rows (the batch grid o
     batches_done(c)   = max_n(seq_n // num_shards) // batch_size + 1      (local sequence index)
     sequences_done(c) = batches_done(c) * batch_size
     overflow_h(c)     = #{ |x| == 65504 }        (values the writer clamped; an upper bound)
+    norms_h(c)        = outlier_flags(||x_n|| of the stored fp16 rows, medians of chunks 0..c-1, ratio)
+                        (exactly what the writer recorded: the same rows flagged as massive activations)
 
 Any problem: nothing is written, and every problem is reported with its file.
 """
@@ -31,7 +33,7 @@ import numpy as np
 
 from saelab.store.format import (
     FORMAT_VERSION, FP16_MAX, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, ChunkEntry, check_format_version,
-    json_bytes, read_json, sha256_file, shard_dir_name, shard_target, write_bytes_atomic,
+    json_bytes, outlier_flags, read_json, sha256_file, shard_dir_name, shard_target, write_bytes_atomic,
 )
 from saelab.errors import UsageError
 
@@ -116,6 +118,7 @@ def _check_shard(sdir: Path, shard: int, meta: dict) -> tuple[list[ChunkEntry], 
         problems.append(f"{sdir}: chunks {_ranges(missing)} are missing; chunk indices must run 0, 1, 2, ... "
                         "(move the later chunk files away to rebuild the manifest of the ones before)")
     entries: list[ChunkEntry] = []
+    medians: dict[str, list[float]] = {h["name"]: [] for h in hooks.values()}
     for index in indices:
         files = by_index[index]
         if set(files) != want:
@@ -124,14 +127,17 @@ def _check_shard(sdir: Path, shard: int, meta: dict) -> tuple[list[ChunkEntry], 
                 ([f"missing files for {', '.join(lacking)}"] if lacking else [])
                 + ([f"files for keys store.json does not know: {', '.join(extra)}"] if extra else [])))
             continue
-        entry, bad = _check_chunk(files, index, shard, meta, hooks)
+        entry, bad = _check_chunk(files, index, shard, meta, hooks, medians)
         problems += bad
         if entry is not None:
             entries.append(entry)
+            for name, n in entry.norms.items():
+                medians[name].append(n["median"])
     return entries, problems
 
 
-def _check_chunk(files: dict[str, Path], index: int, shard: int, meta: dict, hooks: dict[str, dict]):
+def _check_chunk(files: dict[str, Path], index: int, shard: int, meta: dict, hooks: dict[str, dict],
+                 medians: dict[str, list[float]]):
     problems, arrays, entry_files = [], {}, {}
     for key, p in files.items():
         try:
@@ -158,16 +164,19 @@ def _check_chunk(files: dict[str, Path], index: int, shard: int, meta: dict, hoo
         problems.append(f"{files[SEQPOS]}: holds sequences of another shard (sequence i belongs to shard i % {S})")
     if n and (seqpos[:, 1].min() < 0 or (max_len and seqpos[:, 1].max() >= max_len)):
         problems.append(f"{files[SEQPOS]}: positions outside [0, {max_len})")
-    overflow, nan = {}, {}
+    overflow, nan, norms = {}, {}, {}
     for key, h in hooks.items():
-        a, bad, over = arrays[key], 0, 0
+        a, bad, over, row_norms = arrays[key], 0, 0, []
         for i in range(0, n, _BLOCK_ROWS):
             block = np.asarray(a[i:i + _BLOCK_ROWS])
             bad += int(np.count_nonzero(~np.isfinite(block)))
             over += int(np.count_nonzero(np.abs(block) == FP16_MAX))
+            row_norms.append(np.linalg.norm(block.astype(np.float32), axis=1))
         if bad:
             problems.append(f"{files[key]}: {bad:,} NaN/inf values")
         overflow[h["name"]], nan[h["name"]] = over, 0
+        if n:
+            norms[h["name"]] = outlier_flags(np.concatenate(row_norms), medians[h["name"]], meta.get("outlier_ratio"))
     if problems or n == 0:
         return None, problems or [f"{files[TOKENS]}: an empty chunk (saelab never writes one)"]
     batch = int(meta.get("batch_size") or 1)
@@ -178,7 +187,7 @@ def _check_chunk(files: dict[str, Path], index: int, shard: int, meta: dict, hoo
         entry_files[names[key]] = {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size,
                                    "shape": list(a.shape), "dtype": a.dtype.name}
     return ChunkEntry(index, n, entry_files, overflow, nan, batches_done * batch, batches_done,
-                      p.stat().st_mtime), []
+                      p.stat().st_mtime, norms), []
 
 
 def _ranges(xs: list[int]) -> str:

@@ -102,7 +102,7 @@ def test_rebuild_manifest_checks_every_chunk_and_restores_the_store(tmp_path, ca
     rebuilt = json.loads((root / SHARD0 / "manifest.json").read_text())
     for k in ("sequences_done", "batches_done", "tokens_done", "done", "shard", "num_shards", "format_version"):
         assert rebuilt[k] == original[k], k
-    keep = ("index", "num_tokens", "files", "overflow", "nan", "sequences_done", "batches_done")
+    keep = ("index", "num_tokens", "files", "overflow", "nan", "sequences_done", "batches_done", "norms")
     assert [{k: c[k] for k in keep} for c in rebuilt["chunks"]] == [{k: c[k] for k in keep} for c in original["chunks"]]
     assert verify_store(root).ok and len(load_store(root).chunks) == 8
 
