@@ -42,6 +42,8 @@ from saelab.errors import UsageError
 from saelab.models import ModelConfig, capture, layer_hook, load_model_from, resolve_hooks, tokenizer_info
 from saelab.models.lora import default_store_name, join_lora_specs, slices_json
 from saelab.store import ShardWriter, hook_key
+from saelab.store.lock import preflight
+from saelab.store.writer import raise_tokens_target
 from saelab.store.check import verify_store
 from saelab.store.format import OUTLIER_RATIO, shard_target
 
@@ -155,6 +157,7 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
         return collect_parallel(cfg, quiet=quiet)
 
     t_start = time.perf_counter()
+    preflight(cfg.out, cfg.shard)  # what needs no model fails before the model loads
     corpus = open_corpus(cfg.text)
     loaded = load_model_from(cfg.lm, quiet=quiet)
     model, tok = loaded.model, loaded.tokenizer
@@ -163,10 +166,15 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
     meta = run_meta(cfg, loaded, hook_points, widths, corpus)
     writer = ShardWriter.open(cfg.out, meta, shard=cfg.shard, num_shards=cfg.num_shards)
     target = shard_target(cfg.tokens, cfg.shard, cfg.num_shards)
-    if writer.done or writer.tokens_done >= target:
+    if writer.tokens_done >= target:
         log.info("shard %d of %s is already complete (%s tokens)", cfg.shard, cfg.out, f"{writer.tokens_done:,}")
         writer.finish()
         return CollectResult(Path(cfg.out), writer.tokens_done, writer.chunks_done, 0.0, 0.0, 0)
+    if writer.done:  # complete at a smaller --tokens: grow it on the same batch grid
+        log.warning("shard %d of %s was complete at %s tokens; collecting on to the new --tokens %s", cfg.shard,
+                    cfg.out, f"{writer.tokens_done:,}", f"{cfg.tokens:,}")
+        writer.reopen_short_last_chunk_(cfg.chunk_tokens)
+    raise_tokens_target(cfg.out, cfg.tokens)
 
     tokz = meta["tokenizer"]  # bos/eos/pad ids
     packed = pack_corpus(corpus, tok, tokz, cfg.text)

@@ -1,7 +1,10 @@
 """Errors a user can fix, and the helpers that word them.
 
 `UsageError` covers bad input: flags, files, configs, stores, checkpoints. The CLI prints its message
-without a traceback and exits with code 2. Anything else is a bug in saelab and keeps its traceback.
+without a traceback and exits with code 2. `DataError` (a UsageError) is a damaged or foreign file
+found where saelab's own data should be (a chunk or checkpoint that fails its checksum, an
+unreadable cfg.json): same message rule, exit code 1. Anything else is a bug in saelab and keeps
+its traceback.
 
 Messages follow one pattern: what was wrong, what was expected, how to fix it.
 """
@@ -11,12 +14,19 @@ import difflib
 from collections.abc import Iterable
 
 EXIT_USAGE = 2
+EXIT_DATA = 1
 
 
 class UsageError(Exception):
     """Bad input from the user: the CLI prints the message and exits with code 2."""
 
     exit_code = EXIT_USAGE
+
+
+class DataError(UsageError):
+    """A data fault: a file saelab wrote (or should have) is damaged, missing or foreign. Exit code 1."""
+
+    exit_code = EXIT_DATA
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="store directories")
     p.add_argument("--no-hash", dest="check_hash", action="store_false",
                    help="skip sha256 (sizes, shapes and values are still checked)")
+    p.add_argument("--rebuild-manifest", action="store_true",
+                   help="first rebuild the manifest of each shard that has chunk files but lost its manifest "
+                        "(every chunk is checked; nothing is written if one fails), then verify")
     add_common_flags(p)
     p.set_defaults(func=_verify)
 
@@ -28,9 +31,16 @@ def register(sub) -> None:
 
 def _verify(args) -> int:
     from saelab.store.check import render_verify, verify_store
+    from saelab.store.rebuild import rebuild_manifests, render_rebuild
 
     bad = 0
     for i, d in enumerate(args.dirs):
+        if args.rebuild_manifest:
+            rebuilt = rebuild_manifests(d)
+            print(("\n" if i else "") + render_rebuild(rebuilt))
+            if not rebuilt.ok:
+                bad += 1
+                continue
         report = verify_store(d, check_hash=args.check_hash)
         print(("\n" if i else "") + render_verify(report))
         bad += not report.ok

@@ -20,6 +20,7 @@ import sys
 from saelab.cli.common import add_common_flags
 from saelab.config import add_dataclass_args, build_config, flat_fields, load_yaml
 from saelab.errors import UsageError, did_you_mean
+from saelab.models import check_device
 from saelab.saes import REGISTRY
 from saelab.train import SWEEP_FIELDS, TrainConfig, check_sae_options, evaluate_checkpoint, train
 
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         kw = {k: getattr(args, k) for k in ("batch_size", "eval_tokens", "device") if hasattr(args, k)}
         if kw.get("device") == "auto":
             kw["device"] = "cpu"
+        check_device(kw.get("device", "cpu"))
         metrics = evaluate_checkpoint(args.load_checkpoint, data=getattr(args, "data", None),
                                       hook=getattr(args, "hook", None), **kw)
         print(json.dumps(metrics, indent=2))

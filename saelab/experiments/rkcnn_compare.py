@@ -228,7 +228,8 @@ def train_config(cfg: CompareConfig, store: str, hook: str, out: Path, method: s
         checkpoint_every=0, val_fraction=cfg.val_fraction, seed=seed, init_tokens=cfg.init_tokens,
         init="random" if method == "baseline" else "rkcnn", rkcnn_fraction=cfg.rkcnn_fraction,
         rkcnn_subsets=cfg.rkcnn_subsets, rkcnn_subset_size=cfg.rkcnn_subset_size, rkcnn_score=cfg.rkcnn_score,
-        dead_window=cfg.dead_window, log_every=max(1, min(10, cfg.steps // 30)), shuffle_chunks=4)
+        dead_window=cfg.dead_window, log_every=max(1, min(10, cfg.steps // 30)), shuffle_chunks=4,
+        overwrite=True)
 
 
 def run_one(cfg: CompareConfig, store: str, hook: str, out: Path, method: str, seed: int,

@@ -27,12 +27,12 @@ Shapes: B batch, S sequence, D width of a hook point, V vocab.
 from saelab.models.hooks import capture, list_hook_points, resolve_hooks, splice, token_losses
 from saelab.models.points import HookPoint, causal_lm, layer_hook, layers_of
 from saelab.models.loading import (
-    LoadedModel, ModelConfig, default_gguf_path, dir_sha256, file_sha256, load_model, load_model_from, load_tokenizer,
+    LoadedModel, ModelConfig, check_device, default_gguf_path, dir_sha256, file_sha256, load_model, load_model_from, load_tokenizer,
     tokenizer_info,
 )
 
 __all__ = [
-    "HookPoint", "LoadedModel", "ModelConfig", "capture", "causal_lm", "default_gguf_path", "dir_sha256", "file_sha256",
+    "HookPoint", "LoadedModel", "ModelConfig", "capture", "check_device", "causal_lm", "default_gguf_path", "dir_sha256", "file_sha256",
     "layer_hook", "layers_of", "list_hook_points", "load_model", "load_model_from", "load_tokenizer", "resolve_hooks",
     "splice", "token_losses", "tokenizer_info",
 ]

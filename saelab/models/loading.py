@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -203,9 +204,47 @@ def _gguf_cache_dir(gguf: Path, sha: str, quiet: bool) -> Path:
 def _from_dir(directory: Path, dtype: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(dtype, device))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(dtype, device))
+    except (pickle.UnpicklingError, EOFError):
+        raise _pickle_refused(Path(directory)) from None
     tok = AutoTokenizer.from_pretrained(directory)
     return model, tok
+
+
+def _pickle_refused(directory: Path) -> UsageError:
+    """A weights pickle that torch's safe loader refused: it holds more than tensors, or is damaged."""
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth")) if directory.is_dir() else []
+    names = ", ".join(pickles) or "its weight file"
+    return UsageError(f"--model {directory}: {names} is a pickle that holds more than plain tensors (or is damaged), "
+                      "so it was refused: loading it could run code. saelab loads pickled weights only when they "
+                      "are plain tensors. Use a copy of the model saved as safetensors "
+                      "(model.safetensors), or another --model.")
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """Refuse a device this torch cannot use, before anything slow happens.
+
+    Raises:
+        UsageError: naming `flag`, what is wrong and what to pass instead.
+    """
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:N or auto.") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise UsageError(f"{flag} {device}: this torch ({torch.__version__}) is a CPU-only build without CUDA. "
+                             f"Use {flag} cpu (or auto), or install a CUDA build of torch.")
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device}: torch sees no CUDA GPU here. Use {flag} cpu (or auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {device}: there are only {torch.cuda.device_count()} GPU(s) (cuda:0 .. "
+                             f"cuda:{torch.cuda.device_count() - 1}).")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} {device}: this torch has no usable MPS device. Use {flag} cpu.")
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -242,6 +281,7 @@ def load_model(spec: str = "default", dtype: str = "float32", device: str = "cpu
         hf_logging.disable_progress_bar()
     spec = str(spec)
     _torch_dtype(dtype)  # validate before any slow work
+    check_device(device)
     path = Path(spec).expanduser()
     if spec == "default" or spec.endswith(".gguf"):
         gguf = default_gguf_path() if spec == "default" else path

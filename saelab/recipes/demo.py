@@ -50,7 +50,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Path]:
     log.info("[2/4] train: TopK SAE, expansion 8, k 32")
     result = train(TrainConfig(data=str(store), out=str(out / "sae"), architecture="topk", expansion_factor=[8],
                                k=[32], batch_size=2048, epochs=cfg.epochs, lr=1e-3, warmup_steps=20,
-                               eval_every=50, checkpoint_every=100, device="cpu"), quiet=quiet)
+                               eval_every=50, checkpoint_every=100, device="cpu", overwrite=True), quiet=quiet)
     outputs["sae"] = Path(result.best_dir)
 
     from saelab.evaluate import EvalConfig, evaluate

@@ -56,7 +56,7 @@ def run_lora_demo(out: str | Path = "runs/demo-lora", quiet: bool = False, steps
     res = train(TrainConfig(data=str(store), out=str(sae_run), architecture=d["architecture"],
                             expansion_factor=list(d["expansion_factor"]), k=list(d["k"]),
                             batch_size=d["batch_size"], tokens=train_tokens, eval_every=100, eval_tokens=2048,
-                            checkpoint_every=0, warmup_steps=20, init_tokens=4096, device="cpu",
+                            checkpoint_every=0, warmup_steps=20, init_tokens=4096, device="cpu", overwrite=True,
                             val_fraction=0.2), quiet=quiet)
     outputs["sae"] = res.best_dir
     log.info("[4/4] dashboard with adapter heatmaps")

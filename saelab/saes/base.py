@@ -61,7 +61,8 @@ class SAEConfig:
     d_sae: int = 0
     """Number of latents (0: expansion_factor * d_in)."""
     expansion_factor: int = 8
-    """Latents per input dimension, used when d_sae is 0."""
+    """Latents per input dimension, used when d_sae is 0. A resolved config (and so cfg.json) holds
+    d_sae / d_in, or 0 when d_sae is not a whole multiple of d_in."""
     tied: bool = False
     """Tie the encoder to the decoder: W_enc = W_dec^T."""
     normalize_decoder: bool = True
@@ -75,6 +76,10 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{f.name} must be a finite number, got {v}")
         for name in ("d_in", "d_sae", "expansion_factor"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -91,7 +96,8 @@ class SAEConfig:
         if d <= 0:
             raise UsageError("d_in is not set: pass --d-in (alias --d_model) or train from a store, "
                              "which knows the width of its activations.")
-        return dataclasses.replace(self, d_in=d, d_sae=self.d_sae or self.expansion_factor * d)
+        d_sae = self.d_sae or self.expansion_factor * d
+        return dataclasses.replace(self, d_in=d, d_sae=d_sae, expansion_factor=d_sae // d if d_sae % d == 0 else 0)
 
 
 class TrainOutput(NamedTuple):
@@ -120,8 +126,7 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig, init_dirs_FD: InitDirs = None):
         super().__init__()
-        if cfg.d_in <= 0 or cfg.d_sae <= 0:
-            cfg = cfg.resolved()
+        cfg = cfg.resolved()  # d_sae and expansion_factor agree, so cfg.json describes this SAE
         self.cfg = cfg
         D, Fn = cfg.d_in, cfg.d_sae
         self.W_dec_FD = nn.Parameter(torch.empty(Fn, D))

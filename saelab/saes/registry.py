@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from saelab.atomic import sha256_file
 from saelab.config import config_from_dict
-from saelab.errors import UsageError, raise_all
+from saelab.errors import DataError, UsageError, raise_all
 from saelab.saes.base import FORMAT_VERSION, SAE, InitDirs, SAEConfig
 from saelab.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.saes.formats import load_foreign, resolve
@@ -68,7 +68,8 @@ def read_cfg(path: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
     Another library's SAE (saes/formats) gives the config of the saelab SAE it maps to.
 
     Raises:
-        UsageError: missing file, newer format_version, or unknown architecture.
+        UsageError: missing file, newer format_version, or unknown architecture; DataError: a
+            truncated or damaged cfg.json.
     """
     fmt, p = _locate(path)
     if fmt != "saelab":
@@ -80,10 +81,7 @@ def read_cfg(path: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
             p.with_name(p.name + ".old").exists() or p.with_name(p.name + ".tmp").exists()) else ""
         raise UsageError(f"{p} is not an SAE directory: {cfg_path} is missing. Pass a directory written "
                          f"by `saelab train` (e.g. runs/NAME/sae_best).{hint}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{cfg_path} is not valid JSON ({e}). Copy the SAE directory again.") from None
+    raw = _read_json(cfg_path)
     version = raw.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise UsageError(f"{cfg_path} has format_version {version}, newer than this saelab reads "
@@ -95,6 +93,18 @@ def read_cfg(path: str | Path) -> tuple[SAEConfig, dict[str, Any]]:
     fields = {k: v for k, v in raw.items() if k not in ("architecture", "format_version", "saelab_version")}
     cfg = config_from_dict(REGISTRY[arch][1], fields, str(cfg_path))
     return cfg, raw
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object of an SAE directory; a truncated or foreign file is a DataError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}): the file is truncated or damaged. Copy the SAE "
+                        "directory again or use another checkpoint.") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}, not an object: it was not written by saelab.")
+    return data
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -122,7 +132,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     meta_path = p / "metadata.json"
     metadata: dict[str, Any] = {}
     if meta_path.is_file():
-        metadata = json.loads(meta_path.read_text())
+        metadata = _read_json(meta_path)
     expected_sha = metadata.get("weights_sha256")
     if expected_sha is None:
         log.warning("%s: no weights_sha256 in metadata.json; cannot detect corrupted bytes", p)

@@ -9,7 +9,9 @@ Modules, one job each:
   writer.py   `ShardWriter`: one process per shard, flock'd, resumable, atomic chunk commits
   reader.py   `load_store(path) -> ActivationStore`: checked memory-mapped reads, the train/val split
   batches.py  `BatchIterator`: shuffled, resumable float32 batches across chunks
+  lock.py     one writer per shard (flock; the lock file names pid and host), `preflight` checks
   check.py    `verify_store`, `monitor_snapshot` and their renderings
+  rebuild.py  `rebuild_manifests`: a lost shard manifest, rebuilt only after every chunk is checked
 
 Importing this package does not import torch (only `ActivationStore.batches` does).
 """

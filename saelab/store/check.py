@@ -10,7 +10,9 @@ verify, per chunk file f listed in a shard manifest:
     tokens:       0 <= id < vocab_size
     seqpos:       seq % num_shards == shard,  0 <= pos < max_length
 
-and per shard directory: no unlisted chunk files or leftover *.tmp files (unless a writer is live).
+and per shard directory: no unlisted chunk files or leftover *.tmp files (unless a writer is live), and
+no chunk files without a manifest (orphans of a lost manifest). store.json and every shard manifest
+must have a format_version this saelab knows.
 
 monitor, per shard, from manifest timestamps of the current writer session:
 
@@ -28,13 +30,14 @@ import numpy as np
 
 from saelab.errors import UsageError
 from saelab.store.format import (
-    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, TOP_SHARE, concentration, read_json, sha256_file, shard_dir_name,
-    shard_target,
+    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, TOP_SHARE, check_format_version, concentration, read_json,
+    sha256_file, shard_dir_name, shard_target,
 )
-from saelab.store.writer import shard_is_locked
+from saelab.store.lock import shard_is_locked
 
 _BLOCK_ROWS = 1 << 16
 _SHARD_RE = re.compile(r"^shard_(\d{5})$")
+_CHUNK_RE = re.compile(r"^chunk_(\d{6})\.(.+)\.npy$")
 
 
 @dataclass
@@ -103,6 +106,7 @@ def verify_store(path: str | Path, check_hash: bool = True) -> VerifyReport:
         return rep
     try:
         meta = read_json(root / STORE_JSON, "store manifest")
+        check_format_version(meta, root / STORE_JSON, "store manifest")
     except UsageError as e:
         rep.problems.append(Problem(STORE_JSON, str(e)))
         return rep
@@ -124,10 +128,20 @@ def verify_store(path: str | Path, check_hash: bool = True) -> VerifyReport:
 def _verify_shard(root: Path, meta: dict, shard: int, rep: VerifyReport, check_hash: bool) -> None:
     sdir = root / shard_dir_name(shard)
     if not (sdir / MANIFEST_JSON).is_file():
-        rep.notes.append(f"{sdir.name}: not started")
+        orphans = _orphaned_chunks(sdir)
+        for index, names in orphans.items():
+            rep.problems.append(Problem(f"{sdir.name}/chunk_{index:06d}.*", f"orphaned: {len(names)} chunk file(s) "
+                                        f"({', '.join(names)}) but no {MANIFEST_JSON} lists them"))
+        if orphans:
+            rep.problems.append(Problem(f"{sdir.name}/{MANIFEST_JSON}", f"missing while {len(orphans)} chunk(s) are "
+                                        f"on disk; rebuild it with `saelab verify --rebuild-manifest {root}` "
+                                        "(every chunk is checked first) or move the chunk files away"))
+        else:
+            rep.notes.append(f"{sdir.name}: not started")
         return
     try:
         man = read_json(sdir / MANIFEST_JSON, "shard manifest")
+        check_format_version(man, sdir / MANIFEST_JSON, "shard manifest")
     except UsageError as e:
         rep.problems.append(Problem(f"{sdir.name}/{MANIFEST_JSON}", str(e)))
         return
@@ -153,7 +167,18 @@ def _verify_shard(root: Path, meta: dict, shard: int, rep: VerifyReport, check_h
         if live and (p.name.endswith(".tmp") or p.name.startswith("chunk_")):
             continue  # the live writer's chunk in progress
         rep.problems.append(Problem(f"{sdir.name}/{p.name}", "not listed in the shard manifest (left over from an "
-                                    "interrupted write; re-running collect removes it)"))
+                                    "interrupted write, which re-running collect removes, or put there by hand)"))
+
+
+def _orphaned_chunks(sdir: Path) -> dict[int, list[str]]:
+    """Chunk index -> names of its chunk_*.npy files in a shard directory (empty if there is none)."""
+    out: dict[int, list[str]] = {}
+    if sdir.is_dir():
+        for p in sorted(sdir.glob("chunk_*.npy")):
+            m = _CHUNK_RE.match(p.name)
+            if m:
+                out.setdefault(int(m.group(1)), []).append(p.name)
+    return out
 
 
 def _verify_file(sdir: Path, shard: int, key: str, entry: dict, meta: dict, rep: VerifyReport,

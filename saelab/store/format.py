@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from saelab.atomic import sha256_file  # noqa: F401 - part of the store's format helpers
-from saelab.errors import UsageError
+from saelab.errors import DataError, UsageError
 
 FORMAT_VERSION = 1
 STORE_JSON = "store.json"
@@ -73,18 +73,38 @@ def shard_target(tokens: int, shard: int, num_shards: int) -> int:
 
 # ----------------------------------------------------------------------------------- file helpers
 
-def os_error_to_usage(e: OSError, path: Path, what: str = "") -> UsageError:
-    """Turn a write failure into a message a person can act on."""
+def os_error_to_usage(e: OSError, path: Path, what: str = "", resumable: bool = True) -> UsageError:
+    """Turn a write failure into a message a person can act on. `resumable`: chunks may already be
+    on disk (say that they are intact and that re-running resumes); False while creating a store."""
+    again = "re-run the same command: it resumes from the last complete chunk" if resumable else "re-run"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         cause = f"{path} is not writable ({e.strerror})"
         fix = "Fix the permissions or choose another --out."
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        cause = f"{path} cannot be a directory: a part of that path is a regular file"
+        fix = "Choose another --out."
     elif e.errno in (errno.ENOSPC, errno.EDQUOT, None):
         cause = f"the disk is full (or over quota) at {path}"
-        fix = "Free some space and re-run the same command: it resumes from the last complete chunk."
+        fix = f"Free some space and {again}."
     else:
         cause = f"could not write {path}: {e}"
-        fix = "Re-run the same command to resume from the last complete chunk."
-    return UsageError(f"{what}{cause}. Every completed chunk is intact. {fix}")
+        fix = f"{again[0].upper()}{again[1:]}."
+    intact = " Every completed chunk is intact." if resumable else ""
+    return UsageError(f"{what}{cause}.{intact} {fix}")
+
+
+def check_format_version(data: dict, path: Path | str, what: str) -> None:
+    """Refuse a store.json or shard manifest whose format_version this saelab does not know.
+
+    Known versions: 1 .. FORMAT_VERSION (a missing version is unknown too: every writer sets it).
+    """
+    v = data.get("format_version")
+    if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= FORMAT_VERSION:
+        return
+    newer = isinstance(v, int) and v > FORMAT_VERSION
+    raise DataError(f"{what} {path} has format_version {v!r}; this saelab reads versions 1 .. {FORMAT_VERSION}. "
+                    + ("Upgrade saelab to read it." if newer else
+                       "The file was not written by saelab or is damaged; collect the store again."))
 
 
 def fsync_dir(path: Path) -> None:
@@ -182,9 +202,7 @@ class ChunkEntry:
 
 def check_identity(existing: dict, new: dict, root: Path | str) -> None:
     """Raise a UsageError naming every identity field where `new` differs from the store's."""
-    if existing.get("format_version", 0) > FORMAT_VERSION:
-        raise UsageError(f"store {root} has format_version {existing['format_version']}; this saelab "
-                         f"reads up to {FORMAT_VERSION}. Upgrade saelab or use another --out.")
+    check_format_version(existing, Path(root) / STORE_JSON, "store manifest")
     if new.get("packing") and not existing.get("packing"):
         raise UsageError(
             f"store {root} was written under the old packing rule: BOS only at document starts, so every "

@@ -30,9 +30,9 @@ from typing import Literal
 
 import numpy as np
 
-from saelab.errors import UsageError, did_you_mean
+from saelab.errors import DataError, UsageError, did_you_mean
 from saelab.store.format import (
-    FORMAT_VERSION, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, read_json, sha256_file, shard_dir_name,
+    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, check_format_version, read_json, sha256_file, shard_dir_name,
 )
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,13 @@ class ActivationStore:
         entry = c.files[key]
         path = self.path / shard_dir_name(c.shard) / entry["file"]
         check_file(path, entry, check_hash=self.verify)
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:  # e.g. an object array (pickle) or a damaged header
+            raise DataError(f"{path} is not a plain .npy array ({e}); saelab never writes such a file. Run "
+                            f"`saelab verify {self.path}` and collect that shard again.") from None
         if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
-            raise UsageError(f"{path} holds {arr.dtype.name} {list(arr.shape)}, its manifest says "
+            raise DataError(f"{path} holds {arr.dtype.name} {list(arr.shape)}, its manifest says "
                              f"{entry['dtype']} {entry['shape']}: the chunk is corrupted. Run `saelab verify "
                              f"{self.path}` and collect that shard again.")
         return arr
@@ -188,17 +192,17 @@ def check_file(path: Path, entry: dict, check_hash: bool = True) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise UsageError(f"{path} is missing but its shard manifest lists it. Run `saelab verify "
+        raise DataError(f"{path} is missing but its shard manifest lists it. Run `saelab verify "
                          f"{path.parent.parent}`; collect that shard again.") from None
     if st.st_size != entry["bytes"]:
         kind = "truncated" if st.st_size < entry["bytes"] else "padded with extra bytes"
-        raise UsageError(f"{path} is {kind}: {st.st_size:,} bytes, its manifest says {entry['bytes']:,}. "
+        raise DataError(f"{path} is {kind}: {st.st_size:,} bytes, its manifest says {entry['bytes']:,}. "
                          f"Run `saelab verify {path.parent.parent}`; collect that shard again.")
     key = (str(path), st.st_size, st.st_mtime_ns, entry["sha256"])
     if not check_hash or key in _VERIFIED:
         return
     if sha256_file(path) != entry["sha256"]:
-        raise UsageError(f"{path} is corrupted: sha256 mismatch with its manifest. Run `saelab verify "
+        raise DataError(f"{path} is corrupted: sha256 mismatch with its manifest. Run `saelab verify "
                          f"{path.parent.parent}`; collect that shard again.")
     _VERIFIED.add(key)
 
@@ -210,7 +214,7 @@ def load_store(path: str | Path, verify: bool = True) -> ActivationStore:
         path: the store directory (holds store.json).
         verify: check each file's sha256 the first time it is read in this process.
     Raises:
-        UsageError: not a store, or a manifest is unreadable.
+        UsageError: not a store, or a manifest is unreadable or of an unknown format_version.
     """
     root = Path(path)
     if not (root / STORE_JSON).is_file():
@@ -218,9 +222,7 @@ def load_store(path: str | Path, verify: bool = True) -> ActivationStore:
         raise UsageError(f"{root} {what}: it is not an activation store. Make one with "
                          f"`saelab collect --out {root} ...`.")
     meta = read_json(root / STORE_JSON, "store manifest")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UsageError(f"store {root} has format_version {meta['format_version']}; this saelab reads up to "
-                         f"{FORMAT_VERSION}. Upgrade saelab.")
+    check_format_version(meta, root / STORE_JSON, "store manifest")
     if "packing" not in meta and meta.get("tokenizer", {}).get("bos_id") is not None and "corpus" in meta:
         log.warning("store %s was packed under the old rule (BOS only at document starts): windows after the "
                     "first begin mid-document and their first token is an attention sink with a huge norm. "
@@ -230,7 +232,9 @@ def load_store(path: str | Path, verify: bool = True) -> ActivationStore:
         mpath = root / shard_dir_name(shard) / MANIFEST_JSON
         if not mpath.exists():
             continue
-        for c in read_json(mpath, "shard manifest")["chunks"]:
+        manifest = read_json(mpath, "shard manifest")
+        check_format_version(manifest, mpath, "shard manifest")
+        for c in manifest["chunks"]:
             chunks.append(ChunkInfo(shard, c["index"], c["num_tokens"], offset, c["files"], c.get("norms") or {}))
             offset += c["num_tokens"]
     return ActivationStore(root, meta, chunks, verify)

@@ -11,9 +11,14 @@ Per element x of a hook's activations [N, D]:
 NaN is stored as NaN and counted; `saelab verify` reports it.
 
 Crash safety: chunk files go tmp -> fsync -> rename, then the manifest (tmp -> fsync -> rename)
-lists them. On open, a writer deletes `*.tmp` files and chunk files its manifest does not list, so
-the next chunk it writes is exactly the one an uninterrupted run would have written next.
-A full disk or a read-only directory becomes a UsageError that says so and that re-running resumes.
+lists them. On open, a writer deletes `*.tmp` files and the files of chunk `chunks_done` (the one
+chunk a crash can leave renamed but unlisted), so the next chunk it writes is exactly the one an
+uninterrupted run would have written next. It deletes nothing else: other unlisted chunk files, or
+chunk files in a shard without a manifest, make it refuse (`saelab verify --rebuild-manifest`
+rebuilds a lost manifest). A full disk or a read-only directory becomes a UsageError that says so
+(and that re-running resumes, when there is something to resume).
+
+Locking a shard and the checks collect makes before loading a model live in lock.py.
 """
 from __future__ import annotations
 
@@ -28,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from saelab.errors import UsageError
+from saelab.errors import DataError, UsageError
 from saelab.store.format import (
-    FORMAT_VERSION, FP16_MAX, LOCK_FILE, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
-    check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header, os_error_to_usage, outlier_flags,
-    read_json, sha256_file, shard_dir_name, write_bytes_atomic,
+    FORMAT_VERSION, FP16_MAX, MANIFEST_JSON, NPY_HEADER_BYTES, SEQPOS, STORE_JSON, TOKENS, ChunkEntry,
+    check_format_version, check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header,
+    os_error_to_usage, outlier_flags, read_json, sha256_file, shard_dir_name, write_bytes_atomic,
 )
+from saelab.store.lock import lock_shard, preflight
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +268,13 @@ class ShardWriter:
             raise UsageError(f"shard {shard} is out of range for {num_shards} shards: use --shard 0 .. {num_shards - 1}.")
         meta = _complete_meta(run_meta, num_shards)
         shard_dir = root / shard_dir_name(shard)
+        preflight(root, shard)
         try:
             shard_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise os_error_to_usage(e, shard_dir, "cannot create the store: ") from None
+            raise os_error_to_usage(e, shard_dir, "cannot create the store: ", resumable=False) from None
         meta = _create_or_check_store_json(root, meta)
-        lock_fd = _lock_shard(shard_dir, shard, root)
+        lock_fd = lock_shard(shard_dir, shard, root)
         try:
             manifest = _load_or_new_manifest(shard_dir, shard, num_shards)
             _clean_shard_dir(shard_dir, manifest)
@@ -282,6 +289,30 @@ class ShardWriter:
             log.info("resuming %s at chunk %d (%d sequences, %d tokens done)",
                      shard_dir, w.chunks_done, w.sequences_done, w.tokens_done)
         return w
+
+    def reopen_short_last_chunk_(self, chunk_tokens: int) -> bool:
+        """Drop the last chunk from the manifest (and its files) if it holds fewer than `chunk_tokens`
+        rows, so a larger target re-collects it on the same batch grid. Returns True if dropped.
+
+        A chunk closes short only at the old token target (or where the corpus ended), so after this
+        the shard continues exactly as an uninterrupted run to the new target would have.
+        """
+        self._check_open()
+        chunks = self.manifest["chunks"]
+        if not chunks or chunks[-1]["num_tokens"] >= chunk_tokens:
+            self.manifest["done"] = False
+            self._save_manifest()
+            return False
+        last = chunks.pop()
+        prev = chunks[-1] if chunks else {"sequences_done": 0, "batches_done": 0}
+        m = self.manifest
+        m["sequences_done"], m["batches_done"] = prev["sequences_done"], prev["batches_done"]
+        m["tokens_done"], m["done"] = self.tokens_done, False
+        m["session_tokens_start"] = self.tokens_done
+        self._save_manifest()  # first the manifest, then the files: a crash in between leaves chunk
+        for f in last["files"].values():  # `chunks_done`'s files, which the next open removes
+            (self.shard_dir / f["file"]).unlink(missing_ok=True)
+        return True
 
     def begin_chunk(self) -> ChunkBuilder:
         """Start the next chunk, to be filled batch by batch."""
@@ -386,7 +417,7 @@ def _create_or_check_store_json(root: Path, meta: dict) -> dict:
                     os.replace(tmp, path)
             fsync_dir(root)
         except OSError as e:
-            raise os_error_to_usage(e, path, "cannot create the store: ") from None
+            raise os_error_to_usage(e, path, "cannot create the store: ", resumable=False) from None
         finally:
             tmp.unlink(missing_ok=True)
     existing = read_json(path, "store manifest")
@@ -394,47 +425,30 @@ def _create_or_check_store_json(root: Path, meta: dict) -> dict:
     return existing
 
 
-def _lock_shard(shard_dir: Path, shard: int, root: Path) -> int:
-    import fcntl
-
-    path = shard_dir / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise os_error_to_usage(e, path, "cannot open the shard: ") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UsageError(f"shard {shard} of {root} is being written by another process. Wait for it "
-                         f"to finish, stop it, or give this run another --shard.") from None
-    return fd
-
-
-def shard_is_locked(shard_dir: Path) -> bool:
-    """True when a live writer holds the shard (used by `saelab monitor`)."""
-    import fcntl
-
-    try:
-        fd = os.open(shard_dir / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+def raise_tokens_target(root: str | Path, tokens: int) -> None:
+    """Record a larger token target in store.json (what `saelab monitor` measures progress against)."""
+    path = Path(root) / STORE_JSON
+    meta = read_json(path, "store manifest")
+    if int(meta.get("tokens_target") or 0) < tokens:
+        meta["tokens_target"] = int(tokens)
+        write_bytes_atomic(path, json_bytes(meta))
 
 
 def _load_or_new_manifest(shard_dir: Path, shard: int, num_shards: int) -> dict:
     path = shard_dir / MANIFEST_JSON
     if not path.exists():
+        orphans = sorted(p.name for p in shard_dir.glob("chunk_*.npy"))
+        if orphans:
+            raise DataError(
+                f"{shard_dir} holds {len(orphans)} chunk files ({orphans[0]} .. {orphans[-1]}) but no {MANIFEST_JSON}: "
+                f"its manifest is lost, and collect does not delete files it did not write. Run `saelab verify "
+                f"--rebuild-manifest {shard_dir.parent}` to rebuild it from the chunk files (each is checked first), "
+                f"or move them away to collect this shard again.")
         return {"format_version": FORMAT_VERSION, "shard": shard, "num_shards": num_shards,
                 "sequences_done": 0, "batches_done": 0, "tokens_done": 0, "done": False,
                 "created_at": time.time(), "chunks": []}
     m = read_json(path, "shard manifest")
+    check_format_version(m, path, "shard manifest")
     if m.get("shard") != shard or m.get("num_shards") != num_shards:
         raise UsageError(f"{path} belongs to shard {m.get('shard')} of {m.get('num_shards')}, not "
                          f"{shard} of {num_shards}. Use the same --num-shards or another --out.")
@@ -452,8 +466,22 @@ def _load_or_new_manifest(shard_dir: Path, shard: int, num_shards: int) -> dict:
 
 
 def _clean_shard_dir(shard_dir: Path, manifest: dict) -> None:
+    """Delete what an interrupted writer of this shard leaves: `*.tmp` files and the files of chunk
+    `chunks_done` (renamed into place, not yet listed). Refuse, deleting nothing, if other unlisted
+    chunk files are present: this writer cannot know where they came from."""
     listed = {f["file"] for c in manifest["chunks"] for f in c["files"].values()}
-    for p in shard_dir.iterdir():
-        if p.name.endswith(".tmp") or (p.name.startswith("chunk_") and p.name not in listed):
-            log.info("removing leftover %s", p)
-            p.unlink(missing_ok=True)
+    interrupted = f"chunk_{len(manifest['chunks']):06d}."
+    leftovers, foreign = [], []
+    for p in sorted(shard_dir.iterdir()):
+        if p.name.endswith(".tmp") or p.name.startswith(interrupted):
+            leftovers.append(p)
+        elif p.name.startswith("chunk_") and p.name not in listed:
+            foreign.append(p.name)
+    if foreign:
+        raise DataError(f"{shard_dir} holds {len(foreign)} chunk file(s) its manifest does not list and no "
+                        f"interrupted write explains ({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}). "
+                        f"collect does not delete files it did not write: run `saelab verify {shard_dir.parent}`, "
+                        "then move them away.")
+    for p in leftovers:
+        log.info("removing leftover %s", p)
+        p.unlink(missing_ok=True)

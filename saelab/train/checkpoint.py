@@ -10,6 +10,7 @@ Layout of a training checkpoint (one directory per step, written atomically):
 
     OUT/step_000500/
       state/trainer.json               step, RNG states, data-iterator state, best val, config
+      state/checksums.json             sha256 of every other file of the checkpoint (written last)
       <sae>/cfg.json, model.safetensors, metadata.json     `sae.save` output (usable as-is)
       <sae>/state/module.safetensors   the SAE's raw training-time state_dict (normalisation not
                                        folded in), so a resumed run continues from identical bits
@@ -25,6 +26,10 @@ Flattening an optimizer state_dict `{"state": {i: {name: tensor}}, "param_groups
     metadata["scalars"]       = JSON of non-tensor state entries
 
 No pickle anywhere: RNG states are stored as base64 of their byte tensors.
+
+Resume (`intact_checkpoint`) takes the newest step directory whose files all match
+state/checksums.json; a damaged newer one is skipped with a warning naming the file, and with none
+intact the error lists each. A checkpoint from before checksums existed is used with a warning.
 """
 from __future__ import annotations
 
@@ -42,19 +47,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from saelab.atomic import commit_dir, fresh_tmp
+from saelab.atomic import commit_dir, fresh_tmp, sha256_file
 from saelab.config import to_dict
-from saelab.errors import UsageError, raise_all
+from saelab.errors import DataError, UsageError, raise_all
 from saelab.train.schedule import DeadTracker
 
 log = logging.getLogger(__name__)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE_VERSION = 1
-RESUME_FREE = ("resume", "quick_test", "wandb", "log_every", "num_workers", "device", "out")
+RESUME_FREE = ("resume", "quick_test", "wandb", "log_every", "num_workers", "device", "out", "overwrite")
 """TrainConfig fields that may differ between a run and its resumption (`out`: a run folder may move)."""
+CHECKSUMS_JSON = "checksums.json"
+CHECKSUMS_VERSION = 1
 
 
 @dataclass
@@ -121,14 +129,27 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path, extra: dict[str
     save_file(tensors, str(path), metadata=meta)
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a checkpoint's safetensors file; a damaged or foreign file
+    (a pickle, garbage, a truncated copy) is a DataError that names it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: the checkpoint is incomplete. Resume from another step_NNNNNN/ "
+                        "or start a new --out.") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged. Resume "
+                        "from another step_NNNNNN/ (move this one away) or start a new --out.") from None
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, torch.Tensor]:
     """Restore an optimizer from `save_optimizer` output; returns the `extra` tensors by name."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = read_safetensors(path)
     if "param_groups" not in meta:
         raise UsageError(f"{path} is not a saelab optimizer state (no param_groups in its header). "
                          "Resume from a directory written by `saelab train`.")
-    tensors = load_file(str(path))
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     optim = {k: v for k, v in tensors.items() if k.startswith("state.")}
     optimizer.load_state_dict(unflatten_optimizer_state(optim, meta))
@@ -141,7 +162,7 @@ def save_module_state(module: torch.nn.Module, path: Path) -> None:
 
 
 def load_module_state(module: torch.nn.Module, path: Path) -> None:
-    state = load_file(str(path))
+    state, _ = read_safetensors(path)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UsageError(f"{path} does not match the SAE being resumed: missing {sorted(missing)}, "
@@ -196,17 +217,100 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def write_checksums(ckpt: Path) -> None:
+    """state/checksums.json: sha256 of every file under `ckpt` (itself excluded), by relative path."""
+    files = {str(p.relative_to(ckpt)): sha256_file(p) for p in sorted(ckpt.rglob("*"))
+             if p.is_file() and p.name != CHECKSUMS_JSON}
+    write_json(ckpt / "state" / CHECKSUMS_JSON, {"format_version": CHECKSUMS_VERSION, "sha256": files})
+
+
+def checkpoint_problems(ckpt: Path) -> list[str] | None:
+    """What is wrong with a step checkpoint's files ([] when every sha256 matches); None when it
+    predates checksums (no state/checksums.json and nothing else to go by)."""
+    path = ckpt / "state" / CHECKSUMS_JSON
+    if not path.is_file():
+        return None
+    try:
+        listed = json.loads(path.read_text())
+        files = listed["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{path} is unreadable ({e})"]
+    if not isinstance(listed.get("format_version"), int) or listed["format_version"] > CHECKSUMS_VERSION:
+        return [f"{path} has format_version {listed.get('format_version')!r}; this saelab reads up to {CHECKSUMS_VERSION}"]
+    problems = []
+    for rel, digest in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif sha256_file(p) != digest:
+            problems.append(f"{p} fails its sha256 (changed or damaged after it was written)")
+    for p in sorted(ckpt.rglob("*")):
+        rel = str(p.relative_to(ckpt))
+        if p.is_file() and p.name != CHECKSUMS_JSON and rel not in files:
+            problems.append(f"{p} is not listed in {path}")
+    return problems
+
+
+def intact_checkpoint(out: Path) -> Path | None:
+    """The newest step checkpoint under `out` whose files all match their checksums, or None if there
+    is no checkpoint. Damaged newer ones are skipped with a warning that names them.
+
+    Raises:
+        DataError: there are checkpoints, and every one is damaged (each problem listed).
+    """
+    if not out.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in out.iterdir()
+                    if (m := STEP_DIR_RE.match(p.name)) and p.is_dir()), reverse=True)
+    damaged: list[str] = []
+    for _, ckpt in steps:
+        problems = checkpoint_problems(ckpt)
+        if problems is None:
+            if (ckpt / "state" / "trainer.json").is_file():
+                log.warning("%s has no state/%s (written by an older saelab): its files cannot be checked",
+                            ckpt, CHECKSUMS_JSON)
+                return _fallen_back(ckpt, damaged)
+            problems = [f"{ckpt / 'state' / 'trainer.json'} is missing"]
+        if not problems:
+            return _fallen_back(ckpt, damaged)
+        damaged.append(f"{ckpt.name}: " + "; ".join(problems))
+        log.warning("checkpoint %s is damaged and is skipped: %s", ckpt, "; ".join(problems))
+    if damaged:
+        raise DataError(f"--resume: every checkpoint under {out} is damaged:\n  - " + "\n  - ".join(damaged)
+                        + f"\n  Nothing can be resumed exactly. Start again with --overwrite, or a new --out.")
+    return None
+
+
+def _fallen_back(ckpt: Path, damaged: list[str]) -> Path:
+    if damaged:
+        log.warning("resuming from %s, an older checkpoint than the damaged %s", ckpt,
+                    ", ".join(d.split(":")[0] for d in damaged))
+    return ckpt
+
+
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     path = ckpt / "state" / "trainer.json"
     if not path.is_file():
         raise UsageError(f"{ckpt} is not a resumable checkpoint: {path} is missing. "
                          "Resume points are the step_NNNNNN/ directories `saelab train` writes.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}): the checkpoint is damaged.") from None
     version = data.get("format_version", 0)
     if version > TRAINER_STATE_VERSION:
         raise UsageError(f"{path} has format_version {version}; this saelab reads up to "
                          f"{TRAINER_STATE_VERSION}. Upgrade saelab to resume this run.")
     return data
+
+
+def config_diff(old_config: dict[str, Any], cfg) -> list[str]:
+    """'field: checkpoint X, now Y' for every TrainConfig field outside RESUME_FREE that differs."""
+    old = {k: v for k, v in old_config.items() if k not in RESUME_FREE}
+    new = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
+    defaults = to_dict(type(cfg)())  # a key an older checkpoint lacks counts as its default value
+    return [f"{k}: checkpoint {old.get(k, defaults.get(k))!r}, now {new[k]!r}" for k in sorted(new)
+            if old.get(k, defaults.get(k)) != new[k]]
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -269,6 +373,7 @@ def write_training_checkpoint(out: Path, runs: list[RunState], step: int, tokens
         "scheduler": {"step": step, "lr": runs[0].optimizer.param_groups[0]["lr"]},
         "runs": {r.name: {"best_val": r.best_val, "last_val": r.last_val} for r in runs},
     })
+    write_checksums(tmp)
     commit_dir(tmp, final)
     prune_checkpoints(out, cfg.keep_checkpoints)
     log.info("checkpoint %s", final)
@@ -278,12 +383,8 @@ def write_training_checkpoint(out: Path, runs: list[RunState], step: int, tokens
 def restore_training_checkpoint(ckpt: Path, runs: list[RunState], data_it, cfg, rank: int, world: int) -> tuple[int, int]:
     """Load weights, optimizer, dead counters, best val, data position and RNG; returns (step, tokens)."""
     state = read_trainer_state(ckpt)
-    old = {k: v for k, v in state["config"].items() if k not in RESUME_FREE}
-    new = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
-    defaults = to_dict(type(cfg)())  # a key an older checkpoint lacks counts as its default value
-    diff = [f"{k}: checkpoint {old.get(k, defaults.get(k))!r}, now {new[k]!r}" for k in sorted(new)
-            if old.get(k, defaults.get(k)) != new[k]]
-    raise_all(diff, f"--resume from {ckpt} with a different config (use the original settings or a new --out)")
+    raise_all(config_diff(state["config"], cfg),
+              f"--resume from {ckpt} with a different config (use the original settings or a new --out)")
     for run in runs:
         d = ckpt / run.rel / "state"
         load_module_state(run.sae, d / "module.safetensors")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,10 @@ class TrainConfig:
     wandb_project: str = "saelab"
     """W&B project name."""
     resume: bool = False
-    """Continue from the newest OUT/step_NNNNNN/ checkpoint."""
+    """Continue from the newest intact OUT/step_NNNNNN/ checkpoint."""
+    overwrite: bool = False
+    """Delete the run already in OUT (its checkpoints, SAEs and metrics) and start again; without it
+    (or --resume) an OUT that holds a run is refused."""
     quick_test: bool = False
     """Tiny end-to-end run in seconds (synthetic store if --data is not given)."""
     shuffle_buffer: int = 65_536
@@ -148,6 +152,14 @@ class TrainConfig:
 
     def __post_init__(self):
         p = []
+        for name in ("lr", "l1_coeff", "beta1", "beta2", "decay_fraction", "val_fraction", "rkcnn_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, float) and not math.isfinite(v):
+                p.append(f"{name} must be a finite number, got {v}")
+        if p:  # every check below would let NaN through (all its comparisons are False)
+            raise_all(p, "invalid training config")
+        if self.resume and self.overwrite:
+            p.append("--resume continues the run in --out and --overwrite deletes it: give one of them")
         for name in ("lr", "batch_size", "epochs", "eval_tokens", "init_tokens", "dead_window",
                      "log_every", "shuffle_chunks"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:

@@ -39,11 +39,14 @@ from tqdm.auto import tqdm
 
 from saelab.config import to_dict
 from saelab.errors import UsageError
+from saelab.models import check_device
 from saelab.saes import TrainOutput, make_sae
 from saelab.train import checkpoint as ck
 from saelab.train.checkpoint import RunState
 from saelab.train.config import TrainConfig, lora_train_defaults, quick_test_config, resolve_auto, sae_configs
 from saelab.train.init import init_dirs
+from saelab.train.memory import check_memory
+from saelab.train.outdir import check_out_dir, clear_previous_run
 from saelab.train.schedule import DeadTracker, lr_at, resample_dead_, sparsity_scale_at
 from saelab.train.sinks import JsonlSink, MultiSink, NullSink, PrefixSink, TensorBoardSink, WandbSink, plot_curves
 from saelab.train.sources import StoreSource, StreamSource
@@ -135,6 +138,7 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _device(cfg: TrainConfig, rank: int) -> torch.device:
+    check_device(cfg.lm.device)
     if cfg.lm.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", rank % torch.cuda.device_count())
@@ -199,10 +203,15 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     cfg = resolve_auto(cfg, lora_train_defaults(src.meta, hook))
     out = Path(cfg.out)
     specs = sae_configs(cfg, d_in)
-    resume_ckpt = ck.latest_checkpoint(out) if cfg.resume else None
+    check_memory([c.resolved(d_in) for _, c in specs], cfg.batch_size, device)
+    resume_ckpt = ck.intact_checkpoint(out) if cfg.resume else None
+    old_run = check_out_dir(cfg, has_checkpoint=resume_ckpt is not None)
     if cfg.resume and resume_ckpt is None:
         log.warning("--resume: no checkpoint under %s yet; starting from scratch", out)
+    if world > 1:
+        dist.barrier()  # every rank has looked at OUT before rank 0 changes it
     if rank == 0:
+        clear_previous_run(out, old_run)
         out.mkdir(parents=True, exist_ok=True)
         ck.write_json(out / "config.json", to_dict(cfg))
 
@@ -219,6 +228,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
         single = len(specs) == 1
         runs.append(RunState(name, sae, opt, DeadTracker(sae_cfg.d_sae, cfg.dead_window),
                          out if single else out / name, "." if single else name))
+    _check_val_data(src, cfg, rank, world)
     data_it = src.train_batches(cfg, rank, world)
     step, tokens = ck.restore_training_checkpoint(resume_ckpt, runs, data_it, cfg, rank, world) if resume_ckpt else (0, 0)
     resumed_from = step
@@ -354,6 +364,17 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
         dist.all_reduce(fired_F, op=dist.ReduceOp.MAX)
     run.dead.update_(fired_F)
     return o
+
+
+def _check_val_data(src, cfg: TrainConfig, rank: int, world: int) -> None:
+    """The validation rows (the same ones every evaluation reads) must be finite, like training batches:
+    a NaN there would make every val loss NaN, so no sae_best would ever be written."""
+    bad = sum(_nonfinite(x_BD) for x_BD in src.val_batches(cfg, rank, world))
+    if _agree([float(bad)], world)[0]:
+        where = f"has {bad} NaN/inf values" if bad else "has NaN/inf values on another rank"
+        raise UsageError(f"the validation split of {cfg.data or src.path} (hook {src.hook}, first {cfg.eval_tokens:,} "
+                         f"tokens) {where}; nothing was trained. Find the chunk with `saelab verify {cfg.data}`, "
+                         "or change --seed / --val-fraction to hold out other chunks.")
 
 
 def _evaluate_and_keep_best(run: RunState, src, cfg: TrainConfig, rank: int, world: int,

@@ -33,6 +33,9 @@ def evaluate_sae(sae, batches, device: torch.device, world: int = 1) -> dict[str
     loss_sum = torch.zeros((), dtype=torch.float64)
     try:
         for x_BD in batches:
+            if not bool(torch.isfinite(x_BD).all()):
+                raise UsageError(f"a validation batch has {int((~torch.isfinite(x_BD)).sum())} NaN/inf values, so "
+                                 "every validation metric would be NaN. Find the chunk with `saelab verify STORE`.")
             x_BD = x_BD.to(device)
             x_hat_BD, f_BF = sae(x_BD)
             loss_sum += float(sae.training_loss(x_BD, sparsity_scale=1.0).loss) * x_BD.shape[0]
