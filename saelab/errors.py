@@ -1,6 +1,7 @@
 """Errors a user can fix, and the helpers that word them.
 
-`UsageError` covers bad input: flags, files, configs, stores, checkpoints. The CLI prints its message
+`UsageError` covers bad input: flags, files, configs, stores, checkpoints. `DivergedError` (exit 1)
+is a training run that went NaN/inf. The CLI prints its message
 without a traceback and exits with code 2. `DataError` (a UsageError) is a damaged or foreign file
 found where saelab's own data should be (a chunk or checkpoint that fails its checksum, an
 unreadable cfg.json): same message rule, exit code 1. Anything else is a bug in saelab and keeps
@@ -25,6 +26,13 @@ class UsageError(Exception):
 
 class DataError(UsageError):
     """A data fault: a file saelab wrote (or should have) is damaged, missing or foreign. Exit code 1."""
+
+    exit_code = EXIT_DATA
+
+
+class DivergedError(UsageError):
+    """Training diverged: NaN or inf in the loss, a gradient or a weight (usually too high a learning
+    rate). The message names the step and the tensor and which checkpoint was kept. Exit code 1."""
 
     exit_code = EXIT_DATA
 

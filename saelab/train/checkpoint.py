@@ -277,7 +277,7 @@ def intact_checkpoint(out: Path) -> Path | None:
         log.warning("checkpoint %s is damaged and is skipped: %s", ckpt, "; ".join(problems))
     if damaged:
         raise DataError(f"--resume: every checkpoint under {out} is damaged:\n  - " + "\n  - ".join(damaged)
-                        + f"\n  Nothing can be resumed exactly. Start again with --overwrite, or a new --out.")
+                        + "\n  Nothing can be resumed exactly. Start again with --overwrite, or a new --out.")
     return None
 
 

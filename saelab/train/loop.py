@@ -38,7 +38,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saelab.config import to_dict
-from saelab.errors import UsageError
+from saelab.errors import DivergedError, UsageError
 from saelab.models import check_device
 from saelab.saes import TrainOutput, make_sae
 from saelab.train import checkpoint as ck
@@ -110,7 +110,7 @@ def _check_grads(run: RunState, step: int, kept: str) -> None:
         return
     for name, p in run.sae.named_parameters():
         if p.grad is not None and (n := _nonfinite(p.grad)):
-            raise RuntimeError(f"step {step}: the gradient of {name} in SAE {run.name} has {n} NaN/inf "
+            raise DivergedError(f"step {step}: the gradient of {name} in SAE {run.name} has {n} NaN/inf "
                                f"values; stopped before the optimizer step. {kept}")
 
 
@@ -120,7 +120,7 @@ def _check_weights(run: RunState, step: int, kept: str) -> None:
         return
     for name, p in params:
         if n := _nonfinite(p.detach()):
-            raise RuntimeError(f"step {step}: weight {name} of SAE {run.name} has {n} NaN/inf values after "
+            raise DivergedError(f"step {step}: weight {name} of SAE {run.name} has {n} NaN/inf values after "
                                f"the optimizer step (try a lower --lr). {kept}")
 
 
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
 
     Raises:
         UsageError: bad config or data, including NaN/inf activations in the store.
-        RuntimeError: the loss, a gradient or a weight became NaN/inf (the last checkpoint is kept).
+        DivergedError: the loss, a gradient or a weight became NaN/inf (the last checkpoint is kept).
     """
     if cfg.quick_test:
         cfg = quick_test_config(cfg)
@@ -335,7 +335,7 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
         after_optimizer_step_;  check weights finite;  dead.update_(out.fired_F, max over ranks)
 
     Raises:
-        RuntimeError: the loss or a gradient is NaN/inf (raised before the optimizer step, so the
+        DivergedError: the loss or a gradient is NaN/inf (raised before the optimizer step, so the
             weights are untouched), or a weight became NaN/inf in the step; `kept` names the
             checkpoint that survives.
     """
@@ -345,7 +345,7 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
         o = run.sae.training_loss(x_BD, sparsity_scale=sparsity_scale)
     if not bool(torch.isfinite(o.loss)):
-        raise RuntimeError(f"step {step}: the loss of SAE {run.name} is {float(o.loss)} (mse "
+        raise DivergedError(f"step {step}: the loss of SAE {run.name} is {float(o.loss)} (mse "
                            f"{float(o.mse):.4g}, sparsity {float(o.sparsity):.4g}, aux {float(o.aux):.4g}); "
                            f"stopped before the optimizer step. {kept}")
     o.loss.backward()

@@ -434,5 +434,5 @@ def test_verify_and_monitor_report_flagged_share_and_concentration(tmp_path):
     sq = np.sort(np.linalg.norm(x.astype(np.float16).astype(np.float32), axis=1) ** 2)[::-1]
     share = sq[:1].sum() / sq.sum()  # the top 0.1% of 100 rows is one row
     text = render_verify(verify_store(tmp_path))
-    assert f"2 of 100 rows (2.000%) flagged" in text and f"hold {100 * share:.1f}% of the summed" in text
+    assert "2 of 100 rows (2.000%) flagged" in text and f"hold {100 * share:.1f}% of the summed" in text
     assert "2 of 100 rows" in render_monitor(tmp_path, monitor_snapshot(tmp_path))

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from saelab.train import checkpoint as ck
 from saelab.cli import build_parser, main, rewrite_aliases
-from saelab.errors import UsageError
+from saelab.errors import DivergedError, UsageError
 from saelab.train import TrainConfig, train
 from saelab.store.synthetic import make_synthetic_store
 from saelab.train.schedule import DeadTracker, lr_at, resample_dead_, sparsity_scale_at
@@ -215,7 +215,7 @@ def test_nonfinite_gradient_is_named():
         p.grad = torch.zeros_like(p)
     sae.b_enc_F.grad[3] = float("nan")
     run = RunState("topk_k2_x2", sae, torch.optim.Adam(sae.parameters()), DeadTracker(8, 5), Path("."), ".")
-    with pytest.raises(RuntimeError, match=r"step 17: the gradient of b_enc_F in SAE topk_k2_x2 has 1 NaN/inf"):
+    with pytest.raises(DivergedError, match=r"step 17: the gradient of b_enc_F in SAE topk_k2_x2 has 1 NaN/inf"):
         _check_grads(run, 17, "kept X")
 
 
@@ -460,7 +460,7 @@ def test_nan_loss_stops_before_the_optimizer_step(monkeypatch):
         return out._replace(loss=out.loss * float("nan"))
 
     monkeypatch.setattr(run.sae, "training_loss", nan_loss)
-    with pytest.raises(RuntimeError, match=r"step 7: the loss of SAE r is nan .*stopped before the optimizer step\. kept Y"):
+    with pytest.raises(DivergedError, match=r"step 7: the loss of SAE r is nan .*stopped before the optimizer step\. kept Y"):
         step_(run, torch.randn(32, 8), lr=1e-3, sparsity_scale=1.0, step=7, kept="kept Y")
     for k, v in run.sae.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed although the step was refused"
@@ -479,7 +479,7 @@ def test_nonfinite_weight_after_the_step_is_named(monkeypatch):
             run.sae.W_dec_FD[3, 1] = float("inf")
 
     monkeypatch.setattr(run.optimizer, "step", poisoned_step)
-    with pytest.raises(RuntimeError, match=r"step 2: weight W_dec_FD of SAE r has 1 NaN/inf values after the "
+    with pytest.raises(DivergedError, match=r"step 2: weight W_dec_FD of SAE r has 1 NaN/inf values after the "
                                            r"optimizer step .*kept Z"):
         step_(run, torch.randn(32, 8), lr=1e-3, sparsity_scale=1.0, step=2, kept="kept Z")
 
