@@ -203,15 +203,23 @@ AUTO_DEFAULTS: dict[str, Any] = {"architecture": "topk", "expansion_factor": [8]
 On a LoRA store (`lora_train_defaults` non-empty) those values are used instead."""
 
 
-def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None) -> TrainConfig:
+MIN_AUTO_STEPS = 200
+"""An unset batch size is halved (down to 256) until the run has at least this many steps."""
+
+
+def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None,
+                 run_tokens: int | None = None) -> TrainConfig:
     """Fill the fields left unset (None) by flags and YAML; the one place "auto" is decided.
 
         value = user's value  if set,  else lora_defaults[field]  if given,  else AUTO_DEFAULTS[field]
         architecture = relu   when unset and --l1-coeff is given (the Kimi-K2 recipe's ReLU + L1 SAE)
+        batch_size  : halved from the default (not below 256) while run_tokens / batch_size < MIN_AUTO_STEPS,
+                      so a short run (60k tokens) takes ~200 steps, not 15
 
     Args:
         cfg: a TrainConfig; fields already set are kept.
         lora_defaults: ``lora_train_defaults(store.meta, hook)`` ({} for an ordinary hook).
+        run_tokens: tokens the run will train on, when known (--tokens, or the training split x epochs).
     Returns:
         a TrainConfig with no unset AUTO_DEFAULTS field (cfg itself when nothing was unset).
     """
@@ -221,6 +229,14 @@ def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None) 
         log.warning("--l1-coeff without --architecture: training a ReLU + L1 SAE (the architecture an L1 "
                     "coefficient belongs to); pass --architecture to choose another")
     changes = {k: (list(v) if isinstance(v, list) else v) for k, v in fill.items() if getattr(cfg, k) is None}
+    if "batch_size" in changes and run_tokens:
+        b = changes["batch_size"]
+        while b > 256 and run_tokens / b < MIN_AUTO_STEPS:
+            b //= 2
+        if b != changes["batch_size"]:
+            log.info("batch size %d (not %d): %s training tokens give %d steps", b, changes["batch_size"],
+                     f"{run_tokens:,}", run_tokens // b)
+        changes["batch_size"] = b
     if not changes:
         return cfg
     if lora_defaults:

@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     device = _device(cfg, rank)
     src = StoreSource(cfg) if cfg.data is not None or cfg.lm.model is None else StreamSource(cfg)
     hook, d_in = src.hook, src.d_in
-    cfg = resolve_auto(cfg, lora_train_defaults(src.meta, hook))
+    cfg = resolve_auto(cfg, lora_train_defaults(src.meta, hook), run_tokens=src.run_tokens(cfg))
     out = Path(cfg.out)
     specs = sae_configs(cfg, d_in)
     check_memory([c.resolved(d_in) for _, c in specs], cfg.batch_size, device)

@@ -131,6 +131,14 @@ class StoreSource:
                          "the median); --keep-outliers trains on them", flagged, 100 * share,
                          self.meta.get("outlier_ratio"))
 
+    def run_tokens(self, cfg) -> int:
+        """Tokens the run trains on: --tokens, else the training split (less flagged rows) x epochs."""
+        if cfg.tokens is not None:
+            return cfg.tokens
+        train = self.store.select("train", cfg.val_fraction, cfg.seed)
+        rows = sum(c.num_tokens for c in train) - (0 if cfg.keep_outliers else self.store.flagged_count(self.hook, train))
+        return rows * cfg.epochs
+
     def train_batches(self, cfg, rank: int, world: int):
         return train_batches(self.store, self.hook, cfg, rank, world)
 
@@ -200,6 +208,9 @@ class StreamSource:
                 norms_N = x_ND.norm(dim=-1)
                 x_ND = x_ND[norms_N <= OUTLIER_RATIO * norms_N.median()]
             yield x_ND
+
+    def run_tokens(self, cfg) -> int:
+        return cfg.tokens  # streaming needs --tokens
 
     def train_batches(self, cfg, rank: int, world: int):
         return ShuffleStream(lambda: self.rows(cfg, "train", rank, world), cfg.batch_size,

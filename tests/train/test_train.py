@@ -630,3 +630,12 @@ def test_recipe_l1_coeff_without_architecture_trains_relu(store, tmp_path, capsy
     assert "training a ReLU + L1 SAE" in capsys.readouterr().err
     cfg = json.loads((tmp_path / "r" / "final" / "cfg.json").read_text())
     assert cfg["architecture"] == "relu" and cfg["l1_coeff"] == pytest.approx(1e-3)
+
+
+def test_auto_batch_size_gives_a_short_run_enough_steps():
+    from saelab.train import resolve_auto
+
+    assert resolve_auto(TrainConfig(), run_tokens=10_000_000).batch_size == 4096
+    assert resolve_auto(TrainConfig(), run_tokens=60_000).batch_size == 256      # 234 steps, not 15
+    assert resolve_auto(TrainConfig(), run_tokens=200_000).batch_size == 512     # 390 steps
+    assert resolve_auto(TrainConfig(batch_size=4096), run_tokens=60_000).batch_size == 4096  # a set value stays
