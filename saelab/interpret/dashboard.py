@@ -17,9 +17,10 @@ forbids every fetch) reads JSON from `<script type="application/json">` blocks:
                       explanation, scores}} (autointerp)
     example           [value, global token index, center position, token ids, activations]
 
-Safety (also for explanations, which are text written by a model): JSON is written with `<`, `>`, `&`, U+2028 and U+2029 as \\u escapes (`safe_json`), so no
-token text can close the script element or open a comment (`</script>`, `<!--<script>`); the page
-puts token text into the DOM only through `textContent` / `title`, never `innerHTML`.
+Safety (token text and model-written explanations alike): JSON is written with `<`, `>`, `&`,
+U+2028 and U+2029 as \\u escapes (`safe_json`), so no text can close the script element or open a
+comment (`</script>`, `<!--<script>`); the page puts text into the DOM only through `textContent` /
+`title`, never `innerHTML`.
 
 Extra per-feature panels (e.g. a decoder-weight heatmap over layer × adapter type) are plain
 dicts `{"kind": "heatmap", "title", "rows", "cols", "values"}` (`HeatmapPanel.to_json()`), drawn by

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from saelab.cli import main
-from saelab.interpret.autointerp import AutointerpConfig, load_results, run_autointerp
+from saelab.interpret.autointerp import AutointerpConfig, demo_autointerp, load_results, run_autointerp
 from saelab.interpret.build import build_dashboard
 from tests.builders import CHROMIUM, chromium
 
@@ -87,6 +87,15 @@ def test_dashboard_cli_reads_autointerp_results(page, tmp_path):
     assert '"expl":[' in dest.read_text() and 'the word \\"cat\\"' in dest.read_text()
     assert main(["dashboard", str(p.sae), "--data", str(p.store), "--out", str(dest),
                  "--cache-dir", str(tmp_path / "cache"), "--autointerp", str(tmp_path), "-q"]) == 2
+
+
+def test_demo_step_explains_a_few_features_and_rewrites_the_dashboard(planted, tmp_path):
+    p = planted
+    out = demo_autointerp(p.sae_obj, p.store_obj, p.hook, p.res, [0, 1, 2, 3, 4], tmp_path / "demo", n_features=2,
+                          cfg=AutointerpConfig(explainer="rule", scorer="rule"), tokenizer=p.tok, quiet=True)
+    assert load_results(tmp_path / "demo" / "autointerp").keys() == {0, 2}  # spread over the list
+    page = out["dashboard"].read_text()
+    assert 'id="fd-4"' in page and '"expl":["the word' in page and 'the word \\"sat\\"' in page
 
 
 @pytest.mark.browser

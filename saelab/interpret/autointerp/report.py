@@ -47,16 +47,20 @@ def format_prompts(prompts: list[Prompt]) -> str:
 
 
 def demo_autointerp(sae, store, hook: str, res, feature_ids: list[int], out: str | Path, sae_dir=None,
-                    n_features: int = 8, quiet: bool = False) -> dict[str, Path]:
-    """Explain and score `n_features` of `feature_ids` (evenly spread) with the embedded model, and
-    rewrite OUT/dashboard.html with their explanations. Returns {name: path} of what it wrote."""
+                    n_features: int = 6, cfg: AutointerpConfig | None = None, tokenizer=None,
+                    quiet: bool = False) -> dict[str, Path]:
+    """Explain and score `n_features` of `feature_ids` (evenly spread; default: with the embedded model,
+    6 held-out excerpts of each kind) and rewrite OUT/dashboard.html with their explanations.
+    Returns {name: path} of what it wrote."""
     out = Path(out)
     step = max(1, len(feature_ids) // n_features)
     feats = feature_ids[::step][:n_features]
-    log.info("autointerp: explaining and scoring %d features with the embedded model", len(feats))
-    ai = run_autointerp(sae, store, hook, res.stats, feats, AutointerpConfig(n_test=8), out / "autointerp",
-                        sae_dir=sae_dir, quiet=quiet)
+    cfg = cfg or AutointerpConfig(n_test=6)
+    log.info("autointerp: explaining and scoring %d features (explainer %s, scorer %s)", len(feats),
+             cfg.explainer, cfg.scorer)
+    ai = run_autointerp(sae, store, hook, res.stats, feats, cfg, out / "autointerp", sae_dir=sae_dir,
+                        tokenizer=tokenizer, quiet=quiet)
     log.info("%s", format_summary(ai))
-    page = build_dashboard(sae, store, hook, res, feature_ids, out / "dashboard.html", sae_name="demo TopK SAE",
-                           autointerp=ai.records)
+    page = build_dashboard(sae, store, hook, res, feature_ids, out / "dashboard.html", tokenizer=tokenizer,
+                           sae_name="demo TopK SAE", autointerp=ai.records)
     return {"autointerp": ai.out / "autointerp.json", "dashboard": page}
