@@ -19,6 +19,9 @@ SAEs
     identity_sae(d)                    # exact reconstruction: x = relu(x) - relu(-x)
     const_sae(d, b_dec_D)              # reconstructs every token as b_dec_D
     relu_identity_sae(dir, d)          # saved, f = relu(x)
+Autointerp and the browser
+    planted_words(tmp_path)            # store + relu-identity SAE where feature j fires on exactly one word
+    chromium(tmp_path, url, "--dump-dom")   # Debian's headless chromium (CHROMIUM), stdout
 Planted dictionaries and a short training loop
     data = PlantedDictionary(n_features=512, d=64, active=5, seed=0); x_BD = data.sample(1024)
     train_sae(sae, data, steps=2000); recovered_fraction(sae.W_dec_FD, data.dirs_FD)
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import random
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -379,3 +384,45 @@ def train_sae(sae, data: PlantedDictionary, steps: int, batch: int = 512, lr: fl
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.after_optimizer_step_()
+
+
+# ------------------------------------------------------------------ autointerp: one feature per word
+
+# feature -> the one token it fires on (feature 0: a hostile token, so its explanation is hostile text)
+PLANTED_WORDS = {0: HOSTILE[1], 1: " cat", 2: " sat", 3: " mat", 4: " dog"}
+
+
+def planted_words(tmp: Path, n_seq: int = 40, seq_len: int = 24, seed: int = 0) -> SimpleNamespace:
+    """Store, relu-identity SAE and tokenizer where feature j fires exactly on PLANTED_WORDS[j] (value
+    1 + 0.5·u, u uniform) and nowhere else; feature 5 never fires. Fields: store, sae, tok, tok_dir, seqs."""
+    rng = np.random.default_rng(seed)
+    d = len(PLANTED_WORDS) + 1
+    ids_of = {f: HOSTILE_VOCAB.index(w) for f, w in PLANTED_WORDS.items()}
+    seqs, acts = [], []
+    for _ in range(n_seq):
+        ids = rng.integers(1, len(HOSTILE_VOCAB), size=seq_len)
+        x = np.full((seq_len, d), -1.0, np.float32)
+        for f, t in ids_of.items():
+            x[:, f] = np.where(ids == t, 1.0 + 0.5 * rng.random(seq_len), -1.0)
+        seqs.append(ids.tolist())
+        acts.append(x)
+    tok = hostile_tokenizer(tmp / "tok")
+    store = write_store(tmp / "store", seqs, acts, tmp / "tok", num_shards=1, seqs_per_chunk=8)
+    sae = relu_identity_sae(tmp / "sae", d)
+    return SimpleNamespace(store=store, sae=sae, tok=tok, tok_dir=tmp / "tok", seqs=seqs, tmp=tmp)
+
+
+# ------------------------------------------------------------------ the browser
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium(tmp_path: Path, url: str, *extra: str) -> str:
+    """Run Debian's headless chromium on `url` (no network use) and return its stdout (e.g. --dump-dom)."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000",
+           "--window-size=1280,900", *extra, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

@@ -59,6 +59,8 @@ def register(sub) -> None:
     p.add_argument("--top-k", dest="top_k", type=parse_int, default=10, help="top examples per feature (default: 10)")
     p.add_argument("--context", type=parse_int, default=8, help="tokens of context either side (default: 8)")
     p.add_argument("--title", default=None, help="page title")
+    p.add_argument("--autointerp", default=None, metavar="DIR",
+                   help="show explanations and scores from this `saelab autointerp` output directory")
     add_dataclass_args(p, PassConfig, exclude=("top_k",), title="statistics pass")
     add_common_flags(p)
     p.set_defaults(func=_dashboard)
@@ -258,8 +260,13 @@ def _dashboard(args) -> int:
     feats = parse_feature_list(args.features, cfg.d_sae)
     sae, store, hook, res = _open(args, sae_dir, args.top_k)
     tok, model = _tokenizer_and_model(args, store)
+    ai = None
+    if args.autointerp:
+        from saelab.interpret.autointerp import load_results
+
+        ai = load_results(args.autointerp)
     path = build_dashboard(sae, store, hook, res, feats, args.out, top_k=args.top_k, context=args.context,
                            bands=args.bands, per_band=args.per_band, tokenizer=tok, model=model,
-                           title=args.title or "saelab dashboard", sae_name=Path(sae_dir).name)
+                           title=args.title or "saelab dashboard", sae_name=Path(sae_dir).name, autointerp=ai)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(feats)} features)")
     return 0

@@ -16,13 +16,15 @@ from saelab.interpret.stats import quantile_examples
 
 def build_dashboard(sae, store, hook: str, res: StatsResult, feature_ids: list[int], out: str | Path,
                     top_k: int = 10, context: int = 10, bands: int = 4, per_band: int = 2, tokenizer=None,
-                    model=None, title: str = "saelab dashboard", sae_name: str = "") -> Path:
+                    model=None, title: str = "saelab dashboard", sae_name: str = "",
+                    autointerp: dict[int, dict] | None = None) -> Path:
     """Write the dashboard of `feature_ids` to `out` and return its path.
 
     Args:
         res: the cached statistics pass (`load_or_compute_stats`).
         tokenizer: for token text; default: the store's model's tokenizer.
         model: a causal LM for logit-lens tokens; None leaves them out.
+        autointerp: feature -> autointerp record (explanation and scores) to show.
     """
     stats = res.stats
     qb = quantile_examples(stats, bands, per_band)
@@ -41,7 +43,8 @@ def build_dashboard(sae, store, hook: str, res: StatsResult, feature_ids: list[i
                 f"{len(feature_ids)} of {stats.d_sae} features")
     pc = res.meta.get("pass", {})
     data = dashboard_data(stats, feature_ids, ex, texts, lens, rows, qb, panels=panels, title=title,
-                          subtitle=subtitle, hist_range=(pc.get("hist_log_min", -3.0), pc.get("hist_log_max", 3.0)))
+                          subtitle=subtitle, hist_range=(pc.get("hist_log_min", -3.0), pc.get("hist_log_max", 3.0)),
+                          autointerp=autointerp)
     return write_html(out, render_html(data))
 
 

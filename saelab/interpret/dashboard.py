@@ -7,15 +7,20 @@ forbids every fetch) reads JSON from `<script type="application/json">` blocks:
 
     saelab-meta       title, subtitle, num_tokens, hist = [log10 lo, log10 hi, bins]
     saelab-features   columnar summary of every listed feature: id, freq, max, mean, count, nex
+                      (+ expl, det, fuzz when autointerp results are given: explanation text and the
+                      detection / fuzzing balanced accuracy, null where a feature has none)
     saelab-vocab      token id -> text for every token shown
     fd-<id>           one feature's detail, parsed only when the feature is opened (lazy):
                       hist = [first bin, counts...], top = [example...], quant = [{band, lo, hi,
-                      examples}], lens = {pos, neg: [[token id, logit]...]}, panels = [panel...]
+                      examples}], lens = {pos, neg: [[token id, logit]...]}, panels = [panel...],
+                      ai = {explanation, scores: {task: {ba, auroc, from, n}}, shuffled: {source,
+                      explanation, scores}} (autointerp)
     example           [value, global token index, center position, token ids, activations]
 
-Safety: JSON is written with `<`, `>`, `&`, U+2028 and U+2029 as \\u escapes (`safe_json`), so no
-token text can close the script element or open a comment (`</script>`, `<!--<script>`); the page
-puts token text into the DOM only through `textContent` / `title`, never `innerHTML`.
+Safety (token text and model-written explanations alike): JSON is written with `<`, `>`, `&`,
+U+2028 and U+2029 as \\u escapes (`safe_json`), so no text can close the script element or open a
+comment (`</script>`, `<!--<script>`); the page puts text into the DOM only through `textContent` /
+`title`, never `innerHTML`.
 
 Extra per-feature panels (e.g. a decoder-weight heatmap over layer × adapter type) are plain
 dicts `{"kind": "heatmap", "title", "rows", "cols", "values"}` (`HeatmapPanel.to_json()`), drawn by
@@ -108,7 +113,8 @@ class DashboardData:
 def dashboard_data(stats: FeatureStats, feature_ids: list[int], examples: dict[int, dict[str, list]],
                    texts: dict[int, str], lens: LogitLens | None = None, lens_rows: dict[int, int] | None = None,
                    bands: QuantileBands | None = None, panels: dict[int, list] | None = None,
-                   title: str = "saelab dashboard", subtitle: str = "", hist_range=(-3.0, 3.0)) -> DashboardData:
+                   title: str = "saelab dashboard", subtitle: str = "", hist_range=(-3.0, 3.0),
+                   autointerp: dict[int, dict] | None = None) -> DashboardData:
     """Assemble the page data.
 
     Args:
@@ -117,6 +123,7 @@ def dashboard_data(stats: FeatureStats, feature_ids: list[int], examples: dict[i
         lens: logit-lens rows; `lens_rows[feature]` is the feature's row in it.
         bands: quantile band edges (`quantile_examples`), for the band labels.
         panels: feature -> extra panels (HeatmapPanel or its dict).
+        autointerp: feature -> autointerp record (`saelab.interpret.autointerp.load_results`).
     """
     freq, mean = stats.frequency_F, stats.mean_F
     cols = {"id": [], "freq": [], "max": [], "mean": [], "count": [], "nex": []}
@@ -145,10 +152,32 @@ def dashboard_data(stats: FeatureStats, feature_ids: list[int], examples: dict[i
                          "neg": [[int(i), _r(v)] for i, v in zip(lens.bottom_ids_FK[r].tolist(), lens.bottom_values_FK[r].tolist())]}
         if panels and f in panels:
             d["panels"] = [p.to_json() if hasattr(p, "to_json") else p for p in panels[f]]
+        if autointerp:
+            rec = autointerp.get(f) or {}
+            for col, task in (("det", "detection"), ("fuzz", "fuzzing")):
+                cols.setdefault(col, []).append(_r(((rec.get("scores") or {}).get(task) or {})
+                                                   .get("balanced_accuracy", math.nan)))
+            cols.setdefault("expl", []).append(rec.get("explanation"))
+            if rec:
+                d["ai"] = _autointerp_json(rec)
         details[f] = d
     meta = {"title": title, "subtitle": subtitle, "num_tokens": stats.num_tokens,
             "hist": [hist_range[0], hist_range[1], int(stats.hist_FH.shape[1])]}
     return DashboardData(meta=meta, features=cols, vocab={int(k): v for k, v in texts.items()}, details=details)
+
+
+def _task_scores(scores: dict | None) -> dict:
+    return {task: {"ba": _r(s.get("balanced_accuracy", math.nan)), "auroc": _r(s.get("auroc", math.nan)),
+                   "from": s.get("auroc_from"), "n": s.get("n")}
+            for task, s in (scores or {}).items()}
+
+
+def _autointerp_json(rec: dict) -> dict:
+    """A feature's explanation and scores, as the page shows them."""
+    sh = rec.get("shuffled") or {}
+    return {"explanation": rec.get("explanation", ""), "scores": _task_scores(rec.get("scores")),
+            "shuffled": {"source": sh.get("source"), "explanation": sh.get("explanation"),
+                         "scores": _task_scores(sh.get("scores"))} if sh else None}
 
 
 def _template() -> str:

@@ -75,4 +75,7 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Path]:
     feats = sorted(alive[order][: cfg.dashboard_features].tolist())
     outputs["dashboard"] = build_dashboard(sae, st, hook, res, feats, out / "dashboard.html",
                                            sae_name="demo TopK SAE")
+    from saelab.interpret.autointerp import demo_autointerp  # explain 6 of them; the dashboard shows it
+
+    outputs.update(demo_autointerp(sae, st, hook, res, feats, out, sae_dir=result.best_dir, quiet=quiet))
     return outputs

@@ -1,10 +1,14 @@
-"""A crafted two-shard store with planted activations, its tokenizer and an identity SAE."""
+"""Fixtures: a crafted two-shard store with planted activations, its tokenizer and an identity SAE;
+the planted-words store of autointerp, opened with its statistics pass."""
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tests.builders import HOSTILE_VOCAB, hostile_tokenizer, relu_identity_sae, write_store
+from saelab.interpret import check_pair, load_or_compute_stats
+from saelab.saes import load_sae
+from saelab.store import load_store
+from tests.builders import HOSTILE_VOCAB, hostile_tokenizer, planted_words, relu_identity_sae, write_store
 
 D = 4
 
@@ -36,3 +40,13 @@ def crafted(tmp_path):
     f = np.maximum(np.concatenate([acts[i] for i in order]).astype(np.float16).astype(np.float32), 0)
     return SimpleNamespace(store=store, sae=sae, tok=tok, tok_dir=tok_dir, seqs=seqs, acts=acts,
                            tokens=tokens, seqpos=seqpos, f=f, tmp=tmp_path)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """`planted_words` (tests/builders.py) opened: .sae_obj, .store_obj, .hook, .res (statistics pass)."""
+    p = planted_words(tmp_path)
+    p.sae_obj, p.store_obj = load_sae(p.sae), load_store(p.store)
+    p.hook = check_pair(p.sae_obj, p.store_obj)
+    p.res = load_or_compute_stats(p.sae_obj, p.store_obj, p.hook, sae_dir=p.sae, cache_dir=tmp_path / "cache")
+    return p

@@ -8,7 +8,6 @@ screenshot PNG is saved (tmp_path/dashboard.png; SAELAB_SCREENSHOT=path keeps a 
 """
 import os
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,25 +15,14 @@ import numpy as np
 import pytest
 
 from saelab.cli import main
-from tests.builders import HOSTILE, HOSTILE_VOCAB
+from tests.builders import CHROMIUM, HOSTILE, HOSTILE_VOCAB, chromium
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(),
                        reason="needs Debian's chromium at /usr/bin/chromium: run `make browser` "
                               "(apt-get install chromium)"),
 ]
-
-
-def chromium(tmp_path: Path, url: str, *extra: str) -> str:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000",
-           "--window-size=1280,900", *extra, url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
 
 
 class DomReader(HTMLParser):
