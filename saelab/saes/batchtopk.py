@@ -138,10 +138,17 @@ class BatchTopKSAE(TopKSAE):
     def _after_select(self, v_N: Tensor) -> None:
         if not self.training:
             return
-        # min over positive values without a host sync: non-positive ones become +inf
-        m = torch.where(v_N > 0, v_N.detach(), torch.full_like(v_N, math.inf)).amin() if v_N.numel() else None
-        if m is not None:
-            self._pending_min = m if self._pending_min is None else torch.minimum(self._pending_min, m)
+        # min over positive values without a host sync: non-positive ones become +inf (inf = none kept)
+        v = torch.where(v_N > 0, v_N.detach(), torch.full_like(v_N, math.inf))
+        m = v.amin() if v.numel() else v.new_full((), math.inf)
+        self._pending_min = m if self._pending_min is None else torch.minimum(self._pending_min, m)
+
+    def reduce_step_state_(self, reduce_max, reduce_sum) -> None:
+        """TopK's, plus the smallest kept activation over all ranks (so every rank's threshold agrees).
+        Each rank still selects B_rank * k over its own share of the batch."""
+        super().reduce_step_state_(reduce_max, reduce_sum)
+        if self._pending_min is not None:
+            self._pending_min = -reduce_max(-self._pending_min)
 
     @torch.no_grad()
     def after_optimizer_step_(self) -> None:
