@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from saelab.collect import CollectConfig, collect
 from saelab.saes import REGISTRY, make_sae
 from saelab.store import load_store
+from saelab.train import step_
 from saelab.train.checkpoint import RunState
 from saelab.train.schedule import DeadTracker
 from tests.builders import TINY_MODELS, make_text_corpus
@@ -93,10 +96,6 @@ def test_collect_on_cuda_stores_the_cpu_rows(tmp_path):
 
 
 def _nccl_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out: str) -> None:
-    import torch.distributed as dist
-
-    from saelab.train import step_
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=world)
     torch.cuda.set_device(rank)
@@ -121,10 +120,6 @@ def _run(x_TND, device):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP with NCCL needs 2 GPUs")
 def test_ddp_nccl_equals_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    from saelab.train import step_
-
     x_TND = torch.randn(8, 128, 16, generator=torch.Generator().manual_seed(3))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
