@@ -40,14 +40,14 @@ def timed_interleaved(steps: dict, reps: int) -> dict[str, float]:
     return best
 
 
-def matmul_step(B: int, D: int, Fn: int):
+def matmul_step(B: int, D: int, Fn: int, device: str = "cpu"):
     """The encoder-shaped fp32 matmul [B, D] @ [D, F], to measure this machine's FLOP rate."""
-    a, b = torch.randn(B, D), torch.randn(D, Fn)
+    a, b = torch.randn(B, D, device=device), torch.randn(D, Fn, device=device)
     return lambda: a @ b
 
 
 def saelab_step(name: str, x: torch.Tensor, dead_fraction: float = 0.0, **cfg):
-    sae = make_sae(REGISTRY[name][1](**cfg))
+    sae = make_sae(REGISTRY[name][1](**cfg)).to(x.device)
     sae.init_from_data_(x[:2048])
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
 
@@ -65,10 +65,10 @@ def saelab_step(name: str, x: torch.Tensor, dead_fraction: float = 0.0, **cfg):
 
 def plain_step(kind: str, x: torch.Tensor, d_in: int, d_sae: int, k: int):
     """A straightforward dense SAE step, as one would write it without saelab."""
-    W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae) / d_in**0.5)
+    W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae, device=x.device) / d_in**0.5)
     W_dec = torch.nn.Parameter(W_enc.detach().T.clone())
-    b_enc = torch.nn.Parameter(torch.zeros(d_sae))
-    b_dec = torch.nn.Parameter(torch.zeros(d_in))
+    b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=x.device))
+    b_dec = torch.nn.Parameter(torch.zeros(d_in, device=x.device))
     opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4, fused=True)
 
     def step():

@@ -6,6 +6,7 @@
 #   bash examples/kimi_k2_collect.sh            # starts shards 0..3 here, one per GPU group
 #   SHARD=2 bash examples/kimi_k2_collect.sh    # on a multi-node cluster: run one shard per node
 #
+# The same layout launched by torchrun on 4 nodes: examples/kimi_k2_collect_torchrun.sh.
 # Re-running the same command after a crash resumes each shard from its last complete chunk.
 # Watch progress with:  saelab monitor "$OUT" --watch 10
 # Check the result with: saelab verify "$OUT"

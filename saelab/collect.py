@@ -15,8 +15,14 @@ the finished store byte-identical to an uninterrupted one.
 Which positions are stored: every position of a packed sequence except BOS and padding (their
 activations are huge outliers), unless `keep_special`. fp16 overflow is clamped and counted.
 
-Deliberately left out: the store format (store.py), parallel writers on other machines (each is the
-same command with its own --shard), and streaming to training (train.py reads models directly).
+Launchers: `--parallel P` starts P local writers itself; under torchrun (RANK and WORLD_SIZE in the
+environment) every rank is one writer, shard = RANK of num_shards = WORLD_SIZE, and `--device cuda`
+means cuda:LOCAL_RANK (one model copy per GPU). A model that needs several GPUs per copy runs one
+rank per node (`--nproc-per-node 1`) with `--device auto` (accelerate's device map over the node's
+GPUs). Either way the store equals the one hand-started `--shard r --num-shards W` writers give.
+
+Deliberately left out: the store format (store.py), any communication between writers (they share
+nothing but the output directory), and streaming to training (train.py reads models directly).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saelab import __version__
@@ -151,8 +158,38 @@ def run_meta(cfg: CollectConfig, loaded, hook_points, widths, corpus) -> dict:
     }
 
 
+def from_launcher(cfg: CollectConfig, env=os.environ) -> CollectConfig:
+    """cfg with shard = RANK, num_shards = WORLD_SIZE and --device cuda -> cuda:LOCAL_RANK when torchrun
+    (or any launcher setting RANK and WORLD_SIZE) started this process; cfg itself otherwise.
+
+    Raises:
+        UsageError: --shard/--num-shards contradicting the launcher, --parallel under it, or
+            --device auto with several ranks per node (each would spread itself over every GPU).
+    """
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in env:
+        return cfg
+    rank, local = int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
+    problems = []
+    if cfg.parallel > 1:
+        problems.append("--parallel starts its own writers, but torchrun already makes every rank one writer: "
+                        "drop --parallel")
+    if (cfg.shard, cfg.num_shards) not in ((0, 1), (rank, world)):
+        problems.append(f"--shard {cfg.shard} --num-shards {cfg.num_shards} contradict torchrun's RANK {rank} "
+                        f"WORLD_SIZE {world}: leave both out (rank r writes shard r of WORLD_SIZE)")
+    if cfg.lm.device == "auto" and int(env.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        problems.append("--device auto spreads one model copy over all GPUs of the node, so run one rank per "
+                        "node (--nproc-per-node 1); for one GPU per rank use --device cuda")
+    if problems:
+        raise UsageError("collect under torchrun:\n" + "\n".join(f"  - {p}" for p in problems))
+    device = f"cuda:{local}" if cfg.lm.device == "cuda" else cfg.lm.device
+    return dataclasses.replace(cfg, shard=rank, num_shards=world, lm=dataclasses.replace(cfg.lm, device=device))
+
+
 def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
-    """Run one writer (shard `cfg.shard` of `cfg.num_shards`) to completion; resume if possible."""
+    """Run one writer (shard `cfg.shard` of `cfg.num_shards`, or the launcher's rank: `from_launcher`)
+    to completion; resume if possible."""
+    cfg = from_launcher(cfg)
     if cfg.parallel > 1:
         return collect_parallel(cfg, quiet=quiet)
 
@@ -232,8 +269,25 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
     result = CollectResult(Path(cfg.out), tokens_done, writer.chunks_done, time.perf_counter() - t_start,
                            new_tokens / elapsed if elapsed > 0 else 0.0, overflow_total)
     if cfg.verify:
-        _verify_or_raise(cfg.out)
+        _verify_when_all_done(cfg)
     return result
+
+
+def _verify_when_all_done(cfg: CollectConfig) -> None:
+    """Verify the store; under a launcher, rank 0 does it once every rank has finished (gloo barrier)."""
+    if cfg.num_shards == 1 or "RANK" not in os.environ:
+        _verify_or_raise(cfg.out)
+        return
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _verify_or_raise(cfg.out)
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def _hook_widths(model, hook_points) -> dict[str, int]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.collect import CollectConfig, collect, shard_target
+from saelab.collect import CollectConfig, collect, from_launcher, shard_target
 from saelab.errors import UsageError
 from saelab.store import load_store
 from tests.builders import BOS_ID, PAD_ID, TINY_MODELS, make_text_corpus
@@ -252,3 +252,37 @@ def test_embedded_model_end_to_end(tmp_path):
     store = load_store(tmp_path / "s")
     assert store.width("model.layers.15") == 576 and store.num_tokens >= 600
     assert store.meta["model"]["num_layers"] == 30 and len(store.meta["model"]["sha256"]) == 64
+
+
+def test_torchrun_ranks_write_the_hand_sharded_store(llama_dir, corpus_dir, tmp_path):
+    """torchrun --nproc-per-node 2 (2 CPU processes): shard = RANK, num_shards = WORLD_SIZE; every chunk
+    file equals, byte for byte, those of two hand-started --shard 0/1 --num-shards 2 writers."""
+    for s in range(2):
+        collect(cfg_for(llama_dir, corpus_dir, tmp_path / "hand", shard=s, num_shards=2), quiet=True)
+    env = dict(os.environ, SAELAB_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "saelab", *_collect_args(llama_dir, corpus_dir, tmp_path / "torchrun", "--chunk-tokens",
+                                                       "60", "--tokens", "10000", "--verify")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    hand, ran = store_digest(tmp_path / "hand"), store_digest(tmp_path / "torchrun")
+    assert sum(k.endswith(".npy") for k in hand) >= 4 and any("shard_00001" in k for k in hand)
+    assert hand == ran
+    npy = sorted((tmp_path / "hand").rglob("*.npy"))
+    assert [hashlib.sha256(f.read_bytes()).digest() for f in npy] == [
+        hashlib.sha256((tmp_path / "torchrun" / f.relative_to(tmp_path / "hand")).read_bytes()).digest() for f in npy]
+
+
+def test_launcher_environment_sets_shard_and_device(llama_dir, corpus_dir, tmp_path):
+    cfg = cfg_for(llama_dir, corpus_dir, tmp_path / "s", device="cuda")
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    got = from_launcher(cfg, env)
+    assert (got.shard, got.num_shards, got.lm.device) == (5, 8, "cuda:1")
+    assert from_launcher(cfg, {}) is cfg  # not launched: flags as given
+    with pytest.raises(UsageError, match="contradict torchrun's RANK 5"):
+        from_launcher(dataclasses.replace(cfg, shard=1, num_shards=2), env)
+    with pytest.raises(UsageError, match="--nproc-per-node 1"):
+        from_launcher(cfg_for(llama_dir, corpus_dir, tmp_path / "s", device="auto"), env)
+    one_per_node = from_launcher(cfg_for(llama_dir, corpus_dir, tmp_path / "s", device="auto"),
+                                 dict(env, LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"))
+    assert (one_per_node.shard, one_per_node.lm.device) == (5, "auto")

@@ -11,14 +11,24 @@ At inference (eval mode) a fixed threshold replaces the batch dependence:
 
 `threshold` (a buffer) is a running average of the smallest kept positive activation of each training
 batch (Bussmann et al. 2024, section 3): threshold <- beta threshold + (1 - beta) min_kept.
-Everything else (AuxK, dead counters, sparse fast path) is TopK's.
+Everything else (AuxK, dead counters, the sparse forward/backward of ops.py) is TopK's.
 
-Batch selection (exact): take the top m = min(F, 2k) per row, then the top B*k of those candidates;
-if some row's m-th candidate still makes the cut, that row might hold more, so fall back to a top-B*k
-over the full [B, F] matrix.
+Batch selection, fast path (`batch_topk_selection`, exact, no per-row top-k and no sort):
+
+    t      = a value a few standard deviations below the B*k-th largest, from a strided sample
+    C      = {(b, f): pre_bf >= max(t, smallest positive)}      one pass, row-major, ~1.2 B*k pairs
+    keep   = the B*k largest of C (a k-th value selection over C; ties keep row-major order)
+
+If the sample overshot (|C| < B*k), C is every positive entry instead, so the result is exact either
+way. Pairs whose ReLU is 0 are left out (they change neither x_hat nor any gradient), so a batch
+with fewer than B*k positive pre-activations keeps them all. `dense=True` uses
+`batch_topk_selection_reference` (one top-B*k over the flattened [B, F] matrix) and the dense autograd
+path, for the parity tests. Differences from Bussmann et al.'s code: theirs takes a top-B*k over the
+flattened batch and keeps zero entries; the kept set of positive entries is the same.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,9 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.saes import ops
 from saelab.saes.base import InitDirs
 from saelab.saes.ops import Selection
 from saelab.saes.topk import TopKConfig, TopKSAE
+
+SAMPLE = 65_536
+"""Entries of [B, F] sampled (an even stride, coprime to F) to place the first cut t."""
+SAMPLE_SIGMAS = 4.0
+"""t is the (E + 4 sqrt(E) + 8)-th largest sample value, E = the expected count above the true cut."""
 
 
 @dataclass
@@ -45,25 +61,55 @@ class BatchTopKConfig(TopKConfig):
         return out
 
 
+def _selection(pos_N: Tensor, pre_BF: Tensor) -> Selection:
+    """A Selection from flat row-major positions (sorted) into pre_BF."""
+    B, F_ = pre_BF.shape
+    row_N = torch.div(pos_N, F_, rounding_mode="floor")
+    feat_N = pos_N - row_N * F_
+    crow_B1 = torch.searchsorted(row_N, torch.arange(B + 1, device=pre_BF.device))
+    return Selection(feat_N, row_N, crow_B1, pre_BF.reshape(-1)[pos_N])
+
+
+def _first_largest(v_C: Tensor, n: int) -> Tensor:
+    """bool [C]: the n largest of v_C, ties at the n-th value kept in order of position."""
+    cut = v_C.kthvalue(v_C.numel() - n + 1).values
+    above = v_C > cut
+    at = v_C == cut
+    return above | (at & (at.cumsum(0) <= n - above.sum()))
+
+
 def batch_topk_selection(pre_BF: Tensor, k: int) -> Selection:
-    """The B*k largest ReLU'd entries of the batch, row-major (no grad)."""
+    """The (up to) B*k largest positive pre-activations of the batch, row-major (no grad); the fast
+    path of the module docstring. Pure torch: the same code runs on CUDA."""
     B, F_ = pre_BF.shape
     total = B * k
-    m = min(F_, 2 * k)
-    relu_BF = F.relu(pre_BF)
-    cand_v_BM, cand_i_BM = relu_BF.topk(m, dim=-1, sorted=False)
-    top = cand_v_BM.reshape(-1).topk(total, sorted=False)
-    cut = top.values.min()
-    last_B = cand_v_BM.amin(-1)  # each row's m-th largest value
-    if m < F_ and bool((last_B > cut).any() or ((last_B == cut) & (cut > 0)).any()):
-        flat = relu_BF.reshape(-1).topk(total, sorted=False).indices.sort().values
-        row_N, feat_N = flat // F_, flat % F_
-    else:
-        pos = top.indices.sort().values  # candidate positions, row-major
-        row_N, feat_N = pos // m, cand_i_BM.reshape(-1)[pos]
-    crow = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
-    crow[1:] = torch.bincount(row_N, minlength=B).cumsum(0)
-    return Selection(feat_N, row_N, crow, pre_BF[row_N, feat_N])
+    flat = pre_BF.reshape(-1)
+    n = flat.numel()
+    positive = torch.finfo(flat.dtype).tiny  # flat >= tiny: positive (subnormals aside)
+    cand_C = None
+    stride = n // SAMPLE
+    if stride >= 4 and 8 * total < n:
+        while math.gcd(stride, F_) != 1:
+            stride += 1
+        sample = flat[stride // 2::stride]
+        expect = sample.numel() * total / n
+        r = min(sample.numel(), math.ceil(expect + SAMPLE_SIGMAS * math.sqrt(expect) + 8))
+        t = sample.kthvalue(sample.numel() - r + 1).values.clamp_min(positive)
+        cand_C = (flat >= t).nonzero().squeeze(1)
+        if cand_C.numel() < total and bool(t > positive):  # overshot: fall back to every positive entry
+            cand_C = None
+    if cand_C is None:
+        cand_C = (flat >= positive).nonzero().squeeze(1)
+    if cand_C.numel() > total:
+        cand_C = cand_C[_first_largest(flat[cand_C], total)]
+    return _selection(cand_C, pre_BF)
+
+
+def batch_topk_selection_reference(pre_BF: Tensor, k: int) -> Selection:
+    """The plain version: one top-B*k over the flattened ReLU'd batch, zeros dropped, sorted."""
+    relu = F.relu(pre_BF).reshape(-1)
+    top = relu.topk(min(pre_BF.shape[0] * k, relu.numel()), sorted=False)
+    return _selection(top.indices[top.values > 0].sort().values, pre_BF)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -79,31 +125,41 @@ class BatchTopKSAE(TopKSAE):
 
     def activation(self, pre_BF: Tensor) -> Tensor:
         if self.training or self.threshold < 0:
-            sel = batch_topk_selection(pre_BF, self.cfg.k)
-            out = torch.zeros_like(pre_BF)
-            out[sel.row_N, sel.feat_N] = F.relu(pre_BF[sel.row_N, sel.feat_N])
-            return out
+            sel = self.select(pre_BF.detach())
+            keep_BF = ops.to_dense(torch.ones_like(sel.pre_N), sel, pre_BF.shape[1])
+            return F.relu(pre_BF) * keep_BF
         return pre_BF * (pre_BF > self.threshold)
 
     def select(self, pre_BF: Tensor) -> Selection:
+        if self.cfg.dense:
+            return batch_topk_selection_reference(pre_BF, self.cfg.k)
         return batch_topk_selection(pre_BF, self.cfg.k)
 
     def _after_select(self, v_N: Tensor) -> None:
         if not self.training:
             return
-        pos = v_N[v_N > 0]
-        if pos.numel():
-            m = pos.min().detach()
-            self._pending_min = m if self._pending_min is None else torch.minimum(self._pending_min, m)
+        # min over positive values without a host sync: non-positive ones become +inf (inf = none kept)
+        v = torch.where(v_N > 0, v_N.detach(), torch.full_like(v_N, math.inf))
+        m = v.amin() if v.numel() else v.new_full((), math.inf)
+        self._pending_min = m if self._pending_min is None else torch.minimum(self._pending_min, m)
+
+    def reduce_step_state_(self, reduce_max, reduce_sum) -> None:
+        """TopK's, plus the smallest kept activation over all ranks (so every rank's threshold agrees).
+        Each rank still selects B_rank * k over its own share of the batch."""
+        super().reduce_step_state_(reduce_max, reduce_sum)
+        if self._pending_min is not None:
+            self._pending_min = -reduce_max(-self._pending_min)
 
     @torch.no_grad()
     def after_optimizer_step_(self) -> None:
         """TopK's updates, then the running threshold from the batches since the last step."""
         super().after_optimizer_step_()
-        if self._pending_min is not None:
-            if self.threshold < 0:
-                self.threshold.copy_(self._pending_min)
-            else:
-                b = self.cfg.threshold_beta
-                self.threshold.mul_(b).add_((1 - b) * self._pending_min)
+        m = self._pending_min
         self._pending_min = None
+        if m is None or not bool(torch.isfinite(m)):
+            return
+        if self.threshold < 0:
+            self.threshold.copy_(m)
+        else:
+            b = self.cfg.threshold_beta
+            self.threshold.mul_(b).add_((1 - b) * m)

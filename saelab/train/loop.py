@@ -104,9 +104,17 @@ def _nonfinite(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
+def _maybe_nonfinite(tensors: list[torch.Tensor]) -> bool:
+    """A one-sync screen: False proves every tensor is finite (a NaN or inf anywhere makes its sum
+    NaN or inf); True only means "look": finite values can overflow the sum. One read pass, no bool
+    temporaries (torch.isfinite(t).all() costs far more on a busy CPU)."""
+    if not tensors:
+        return False
+    return not bool(torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors]).isfinite().all())
+
+
 def _check_grads(run: RunState, step: int, kept: str) -> None:
-    grads = [p.grad for p in run.sae.parameters() if p.grad is not None]
-    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    if not _maybe_nonfinite([p.grad for p in run.sae.parameters() if p.grad is not None]):
         return
     for name, p in run.sae.named_parameters():
         if p.grad is not None and (n := _nonfinite(p.grad)):
@@ -116,7 +124,7 @@ def _check_grads(run: RunState, step: int, kept: str) -> None:
 
 def _check_weights(run: RunState, step: int, kept: str) -> None:
     params = list(run.sae.named_parameters())
-    if bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all()):
+    if not _maybe_nonfinite([p for _, p in params]):
         return
     for name, p in params:
         if n := _nonfinite(p.detach()):
@@ -175,9 +183,10 @@ def _broadcast_state_(sae: torch.nn.Module) -> None:
 
 def _agree(flags: list[float], world: int) -> list[float]:
     """Element-wise max of small flags over ranks (so every rank stops at the same step)."""
+    if world == 1:
+        return list(flags)
     t = torch.tensor(flags, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
@@ -256,7 +265,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     try:
         while step < total:
             x_BD = next(stream, None)
-            bad_batch = x_BD is not None and not bool(torch.isfinite(x_BD).all())
+            bad_batch = x_BD is not None and _maybe_nonfinite([x_BD]) and _nonfinite(x_BD) > 0
             ran_out, bad_any = _agree([float(x_BD is None), float(bad_batch)], world)
             if ran_out:
                 break
@@ -329,8 +338,8 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
           autocast=None, kept: str = "") -> TrainOutput:
     """One optimizer step of one SAE on one batch; updates its weights, Adam state and dead counters.
 
-        out = sae.training_loss(x_BD, sparsity_scale);  check out.loss finite;  out.loss.backward()
-        (DDP: grads <- mean over ranks);  check grads finite;  before_optimizer_step_;  Adam(lr);
+        out = sae.training_loss(x_BD, sparsity_scale);  out.loss.backward();  (DDP: grads <- mean over
+        ranks);  check out.loss and the grads finite;  before_optimizer_step_;  Adam(lr);
         (DDP: reduce_step_state_, e.g. TopK's fired latents over the global batch);
         after_optimizer_step_;  check weights finite;  dead.update_(out.fired_F, max over ranks)
 
@@ -344,14 +353,15 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
     run.optimizer.zero_grad(set_to_none=True)
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
         o = run.sae.training_loss(x_BD, sparsity_scale=sparsity_scale)
-    if not bool(torch.isfinite(o.loss)):
-        raise DivergedError(f"step {step}: the loss of SAE {run.name} is {float(o.loss)} (mse "
-                           f"{float(o.mse):.4g}, sparsity {float(o.sparsity):.4g}, aux {float(o.aux):.4g}); "
-                           f"stopped before the optimizer step. {kept}")
-    o.loss.backward()
+    o.loss.backward()  # before the loss check: one host sync screens the loss and the gradients together
     if world > 1:
         _all_reduce_grads_(run.sae, world)
-    _check_grads(run, step, kept)
+    if _maybe_nonfinite([o.loss] + [p.grad for p in run.sae.parameters() if p.grad is not None]):
+        if not bool(torch.isfinite(o.loss)):
+            raise DivergedError(f"step {step}: the loss of SAE {run.name} is {float(o.loss)} (mse "
+                               f"{float(o.mse):.4g}, sparsity {float(o.sparsity):.4g}, aux {float(o.aux):.4g}); "
+                               f"stopped before the optimizer step. {kept}")
+        _check_grads(run, step, kept)
     run.sae.before_optimizer_step_()
     run.optimizer.step()
     if world > 1:

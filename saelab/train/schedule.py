@@ -51,7 +51,9 @@ class DeadTracker:
         self.steps_since_fired_F = torch.zeros(d_sae, dtype=torch.int64)
 
     def update_(self, fired_F: torch.Tensor) -> None:
-        fired_F = fired_F.to(device="cpu", dtype=torch.bool)
+        """Counters live on fired_F's device (no host copy per step; checkpoints move them to CPU)."""
+        self.steps_since_fired_F = self.steps_since_fired_F.to(fired_F.device)
+        fired_F = fired_F.to(torch.bool)
         self.steps_since_fired_F += 1
         self.steps_since_fired_F[fired_F] = 0
 
