@@ -68,15 +68,15 @@ def test_other_data_driven_inits():
     centres_3D = torch.tensor([[10.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, -10.0, 0]])
     X_ND = centres_3D[torch.arange(300) % 3] + 0.1 * torch.randn(300, 4, generator=g) + 5.0
     mean_D = X_ND.mean(0)
-    rows = data_init(X_ND, 8, "data_rows", RkcnnConfig(fraction=0.5), seed=0)
+    rows = data_init(X_ND, 8, "data_rows", RkcnnConfig(rkcnn_fraction=0.5), seed=0)
     xc_ND = (X_ND - mean_D) / (X_ND - mean_D).norm(dim=1, keepdim=True)
     for d_D in rows.dirs_FD[:4]:  # each is a centred, normalised row of the data
         assert (xc_ND @ d_D).max() == pytest.approx(1.0, abs=1e-5)
-    km = data_init(X_ND, 6, "kmeans", RkcnnConfig(fraction=0.5), seed=0)
+    km = data_init(X_ND, 6, "kmeans", RkcnnConfig(rkcnn_fraction=0.5), seed=0)
     want = (centres_3D - centres_3D.mean(0))
     want = want / want.norm(dim=1, keepdim=True)
     assert ((km.dirs_FD[:3] @ want.T).max(1).values > 0.999).all()
-    pca = data_init(X_ND, 8, "pca", RkcnnConfig(fraction=0.5), seed=0)
+    pca = data_init(X_ND, 8, "pca", RkcnnConfig(rkcnn_fraction=0.5), seed=0)
     torch.testing.assert_close(pca.dirs_FD[:4] @ pca.dirs_FD[:4].T, torch.eye(4), atol=1e-5, rtol=0)
     assert pca.dirs_FD[3].abs().argmax() == 3  # the noise-only dim has the least variance
     assert pca.mined_mask_F.tolist() == [True] * 4 + [False] * 4
@@ -89,7 +89,7 @@ def test_orient_heavy_tail_points_at_the_sparse_side():
     x_ND[:, 1] -= (torch.rand(4000, generator=g) < 0.02) * 5.0   # negative spikes on dim 1
     dirs = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     torch.testing.assert_close(orient_heavy_tail(x_ND, dirs), torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]))
-    init = data_init(x_ND, 4, "pca", RkcnnConfig(fraction=0.5, orient="heavy_tail"))
+    init = data_init(x_ND, 4, "pca", RkcnnConfig(rkcnn_fraction=0.5, rkcnn_orient="heavy_tail"))
     torch.testing.assert_close(init.dirs_FD[:2], orient_heavy_tail(x_ND, init.dirs_FD[:2]))
 
 
@@ -105,8 +105,8 @@ def test_random_encoder_columns_touch_only_the_masked_latents():
 
 def test_config_errors_list_every_problem():
     with pytest.raises(UsageError) as e:
-        RkcnnConfig(fraction=1.5, dedup="often", cos_cap=0.0, knn_k=0)
+        RkcnnConfig(rkcnn_fraction=1.5, rkcnn_dedup="often", rkcnn_cos_cap=0.0, rkcnn_knn_k=0)
     msg = str(e.value)
-    assert all(s in msg for s in ("fraction=1.5", "dedup='often'", "cos_cap=0.0", "knn_k=0"))
+    assert all(s in msg for s in ("rkcnn_fraction=1.5", "rkcnn_dedup='often'", "rkcnn_cos_cap=0.0", "rkcnn_knn_k=0"))
     with pytest.raises(UsageError, match="not one of"):
         data_init(torch.randn(20, 4), 4, "ica")
