@@ -87,7 +87,7 @@ class RkcnnConfig:
             p.append(f"rkcnn_knn_k={self.rkcnn_knn_k} must be >= 1 and rkcnn_knn_rows={self.rkcnn_knn_rows} >= 2 (or unset)")
         if not 0.0 < self.rkcnn_cos_cap <= 1.0:
             p.append(f"rkcnn_cos_cap={self.rkcnn_cos_cap} must be in (0, 1]")
-        if self.rkcnn_exclude_massive < 0:
+        if not self.rkcnn_exclude_massive >= 0:  # also NaN
             p.append(f"rkcnn_exclude_massive={self.rkcnn_exclude_massive} must be >= 0 (0 keeps every dim)")
         for name, allowed in (("score", SCORES), ("kurtosis", KURTOSES), ("sampling", SAMPLINGS), ("dedup", DEDUPS),
                               ("init_encoder", ("random", "tied")), ("orient", ("none", "heavy_tail"))):

@@ -148,7 +148,7 @@ class TrainConfig:
 
     def __post_init__(self):
         p = []
-        for name in ("lr", "l1_coeff", "beta1", "beta2", "decay_fraction", "val_fraction", "rkcnn_fraction"):
+        for name in ("lr", "l1_coeff", "beta1", "beta2", "decay_fraction", "val_fraction"):  # rkcnn_*: RkcnnConfig
             v = getattr(self, name)
             if isinstance(v, float) and not math.isfinite(v):
                 p.append(f"{name} must be a finite number, got {v}")
