@@ -13,8 +13,12 @@ Owns two generators whose ground truth is known by construction, for testing SAE
    The ground-truth feature directions are the columns of W: `feature_dirs_FD = W_DFᵀ`, so each
    hidden vector is exactly h = Σ_i x_i · feature_dirs_FD[i].
 
-2. `planted_dictionary`: X = codes · dirs (+ optional Gaussian noise) with `active_per_sample`
-   non-zero codes per row, for SAE recovery tests.
+2. `PlantedFeatures`: X = Σ m_a dirs[i_a] (+ Gaussian noise), `active` draws per row, the one
+   planted-dictionary generator for SAE recovery tests and synthetic stores (`planted_dictionary` is
+   one batch of it).
+
+3. `random_linear_toy`: the RkCNN seed's toy, h = x W with random unit rows W and no training
+   (optionally with each row on `support` coordinates: a privileged basis), and `dominant_labels`.
 
 Not here: probing (rkcnn.py), experiments and plots (experiments/toy.py).
 """
@@ -169,34 +173,92 @@ class PlantedData(NamedTuple):
     dirs_FD: torch.Tensor
     """float32 [F, D]: unit-norm ground-truth directions."""
     codes_NF: torch.Tensor
-    """float32 [N, F]: exactly `active_per_sample` non-zeros per row, magnitudes U[0.5, 1.5]."""
+    """float32 [N, F]: `active` draws per row, magnitudes U[0.5, 1.5] (summed when a draw repeats)."""
+
+
+class PlantedFeatures:
+    """The one planted-dictionary generator of saelab: X = Σ_a m_a dirs[i_a] + noise · ε.
+
+        dirs_FD  = unit rows of a Gaussian [F, D]          (drawn once, from `seed`)
+        per row: i_1 .. i_A  uniform over F features        (A = active; without replacement when
+                                                             distinct, else independent draws)
+                 m_a ~ U[0.5, 1.5],  ε ~ N(0, I_D)
+
+    The generator carries on from the dictionary draw, so successive `draw`/`sample` calls give
+    fresh, reproducible rows (a stream, as training wants).
+    """
+
+    def __init__(self, n_features: int = 512, d: int = 64, active: int = 5, seed: int = 0, distinct: bool = False,
+                 noise: float = 0.0):
+        problems = []
+        if n_features < 1 or d < 1:
+            problems.append(f"n_features={n_features} and d={d} must be at least 1")
+        if not 1 <= active <= (n_features if distinct else active):
+            problems.append(f"active={active} must be between 1 and n_features={n_features}")
+        if noise < 0:
+            problems.append(f"noise={noise} must be >= 0")
+        raise_all(problems, "planted features")
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dirs_FD = F.normalize(torch.randn(n_features, d, generator=self.gen), dim=-1)
+        self.active, self.distinct, self.noise = active, distinct, noise
+
+    def draw(self, n: int) -> PlantedData:
+        """n fresh rows with their codes."""
+        Fn, D = self.dirs_FD.shape
+        if self.distinct:
+            idx_NA = torch.rand(n, Fn, generator=self.gen).argsort(dim=1)[:, :self.active]
+        else:
+            idx_NA = torch.randint(Fn, (n, self.active), generator=self.gen)
+        mag_NA = 0.5 + torch.rand(n, self.active, generator=self.gen)
+        codes_NF = torch.zeros(n, Fn).index_put_((torch.arange(n)[:, None].expand_as(idx_NA), idx_NA), mag_NA,
+                                                 accumulate=True)
+        X_ND = torch.einsum("na,nad->nd", mag_NA, self.dirs_FD[idx_NA])
+        if self.noise > 0:
+            X_ND = X_ND + self.noise * torch.randn(n, D, generator=self.gen)
+        return PlantedData(X_ND, self.dirs_FD, codes_NF)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n fresh rows X_ND."""
+        return self.draw(n).X_ND
 
 
 def planted_dictionary(n_dirs: int, d: int, n_samples: int, active_per_sample: int, seed: int = 0,
                        noise: float = 0.0) -> PlantedData:
-    """X = codes · dirs + noise·ε, with random unit `dirs` and sparse non-negative `codes`.
+    """One batch of `PlantedFeatures(n_dirs, d, active_per_sample, seed, distinct=True, noise)`."""
+    return PlantedFeatures(n_dirs, d, active_per_sample, seed, distinct=True, noise=noise).draw(n_samples)
 
-    Args:
-        n_dirs: dictionary size F.
-        d: activation width D.
-        n_samples: rows N.
-        active_per_sample: non-zero codes per row (chosen uniformly without replacement).
-        seed: makes everything deterministic.
-        noise: standard deviation of added Gaussian noise.
-    """
-    problems = []
-    if not 1 <= active_per_sample <= n_dirs:
-        problems.append(f"active_per_sample={active_per_sample} must be between 1 and n_dirs={n_dirs}")
-    if d < 1 or n_samples < 1:
-        problems.append(f"d={d} and n_samples={n_samples} must be at least 1")
-    raise_all(problems, "planted_dictionary")
+
+# ---------------------------------------------------------------------------------------------
+# The RkCNN seed's toy: an untrained linear map, and a privileged-basis variant
+
+
+class LinearToy(NamedTuple):
+    """h = x W_FD: feature i is written along row i of W (the RkCNN seed's toy model, untrained)."""
+
+    W_FD: torch.Tensor
+    """float32 [F, D]: unit rows, the true feature directions."""
+    p: float
+    """Probability that a feature is active in a sample."""
+
+    def sample(self, n: int, seed: int) -> ToySample:
+        """x_BF (active with probability p, magnitude U[0, 1]) and h_BD = x W."""
+        g = torch.Generator().manual_seed(seed)
+        x_BF = sample_features(n, self.W_FD.shape[0], self.p, g)
+        return ToySample(x_BF, x_BF @ self.W_FD)
+
+
+def random_linear_toy(n_features: int, d_hidden: int, p: float, seed: int, support: int | None = None) -> LinearToy:
+    """Random unit rows W (Gaussian, normalised), as the seed's toy; with `support`, each row lives on
+    `support` random coordinates only (a privileged basis: features aligned with few hidden dims)."""
     g = torch.Generator().manual_seed(seed)
-    dirs_FD = torch.randn(n_dirs, d, generator=g)
-    dirs_FD /= dirs_FD.norm(dim=1, keepdim=True)
-    active_NK = torch.rand(n_samples, n_dirs, generator=g).argsort(dim=1)[:, :active_per_sample]
-    mags_NK = 0.5 + torch.rand(n_samples, active_per_sample, generator=g)
-    codes_NF = torch.zeros(n_samples, n_dirs).scatter_(1, active_NK, mags_NK)
-    X_ND = codes_NF @ dirs_FD
-    if noise > 0:
-        X_ND += noise * torch.randn(n_samples, d, generator=g)
-    return PlantedData(X_ND, dirs_FD, codes_NF)
+    W_FD = torch.randn(n_features, d_hidden, generator=g)
+    if support is not None:
+        keep_FD = torch.zeros(n_features, d_hidden, dtype=torch.bool)
+        keep_FD.scatter_(1, torch.rand(n_features, d_hidden, generator=g).argsort(1)[:, :support], True)
+        W_FD = W_FD * keep_FD
+    return LinearToy(F.normalize(W_FD, dim=-1), p)
+
+
+def dominant_labels(x_BF: torch.Tensor) -> torch.Tensor:
+    """label_b = argmax_i x_bi, or −1 when no feature is active (the seed's knn labels): int64 [B]."""
+    return torch.where(x_BF.amax(1) > 0, x_BF.argmax(1), torch.full((x_BF.shape[0],), -1))

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from saelab.models.lora import LORA_TYPES
 from saelab.saes import REGISTRY
 from saelab.store import ShardWriter
+from saelab.toy import PlantedFeatures
 
 VOCAB = 256
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -351,18 +352,11 @@ def id_store(root: Path, num_shards=2, chunks=(3, 3), rows=(5, 7, 6), finish=Tru
 # ------------------------------------------------------------------ planted dictionaries
 
 
-class PlantedDictionary:
-    """x = sum over `active` random latents i (drawn with replacement) of m_i d_i, with d_i unit directions and m_i ~ U(0.5, 1.5)."""
+class PlantedDictionary(PlantedFeatures):
+    """x = sum over `active` random latents i (drawn with replacement) of m_i d_i (saelab.toy.PlantedFeatures)."""
 
     def __init__(self, n_features: int = 512, d: int = 64, active: int = 5, seed: int = 0):
-        self.gen = torch.Generator().manual_seed(seed)
-        self.dirs_FD = F.normalize(torch.randn(n_features, d, generator=self.gen), dim=-1)
-        self.active = active
-
-    def sample(self, n: int) -> torch.Tensor:
-        idx_NA = torch.randint(self.dirs_FD.shape[0], (n, self.active), generator=self.gen)
-        mag_NA = 0.5 + torch.rand(n, self.active, generator=self.gen)
-        return torch.einsum("na,nad->nd", mag_NA, self.dirs_FD[idx_NA])
+        super().__init__(n_features, d, active, seed)
 
 
 def recovered_fraction(W_dec_FD: torch.Tensor, dirs_FD: torch.Tensor, threshold: float = 0.9) -> float:

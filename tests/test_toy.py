@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from saelab.errors import UsageError
-from saelab.toy import (ToyConfig, ToyModel, importance, planted_dictionary, sample_features,
-                        toy_loss, train_toy_model)
+from saelab.toy import (PlantedFeatures, ToyConfig, ToyModel, dominant_labels, importance, planted_dictionary,
+                        random_linear_toy, sample_features, toy_loss, train_toy_model)
 
 
 def test_hidden_is_the_sum_of_feature_directions():
@@ -69,10 +69,35 @@ def test_planted_dictionary_is_codes_times_dirs():
     assert data.codes_NF[data.codes_NF > 0].min() >= 0.5
     noisy = planted_dictionary(12, 8, 300, 3, seed=0, noise=0.1)
     assert 0.05 < (noisy.X_ND - data.X_ND).std() < 0.15
-    with pytest.raises(UsageError, match="active_per_sample=13"):
+    with pytest.raises(UsageError, match="active=13"):
         planted_dictionary(12, 8, 10, 13)
 
 
 def test_bad_toy_config_lists_every_problem():
     with pytest.raises(UsageError, match="n_features=0.*\n.*feature_probability=2"):
         ToyConfig(n_features=0, feature_probability=2.0)
+
+
+def test_planted_features_stream_with_repeats():
+    data = PlantedFeatures(n_features=6, d=5, active=4, seed=1)
+    a, b = data.draw(200), data.draw(200)
+    assert not torch.equal(a.X_ND, b.X_ND)  # a stream: fresh rows each call
+    torch.testing.assert_close(a.X_ND, a.codes_NF @ a.dirs_FD)
+    assert torch.allclose(a.codes_NF.sum(1), a.codes_NF.sum(1))
+    assert (a.codes_NF.sum(1) >= 4 * 0.5).all() and ((a.codes_NF > 0).sum(1) <= 4).all()
+    assert ((a.codes_NF > 0).sum(1) < 4).any()  # with 6 features and 4 draws, some draws repeat
+    again = PlantedFeatures(n_features=6, d=5, active=4, seed=1)
+    assert torch.equal(again.sample(200), a.X_ND)
+
+
+def test_linear_toy_rows_and_labels():
+    toy = random_linear_toy(n_features=30, d_hidden=12, p=0.1, seed=0, support=2)
+    torch.testing.assert_close(toy.W_FD.norm(dim=1), torch.ones(30))
+    assert ((toy.W_FD != 0).sum(1) == 2).all()  # privileged basis: each feature on 2 coordinates
+    x_BF, h_BD = toy.sample(500, seed=1)
+    torch.testing.assert_close(h_BD, x_BF @ toy.W_FD)
+    labels_B = dominant_labels(x_BF)
+    assert ((labels_B == -1) == (x_BF.amax(1) == 0)).all()
+    on = labels_B >= 0
+    assert torch.equal(x_BF[on].argmax(1), labels_B[on])
+    assert (random_linear_toy(10, 5, 0.1, seed=3).W_FD != 0).all()  # the seed's toy: dense rows

@@ -48,8 +48,10 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from saelab.config import to_dict
+from saelab.config import group, grouped, to_dict
 from saelab.errors import UsageError, raise_all
+from saelab.metrics import max_cos_to_others
+from saelab.rkcnn import RkcnnConfig
 from saelab.statistics import diff_means_ci, mean_std
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ RESULT_KEYS = ("experiment", "dry_run", "config", "store", "hook", "d_in", "d_sa
 PLOTS = {"training_curves": "training_curves.png", "dead_latents": "dead_latents.png"}
 
 
+@grouped
 @dataclass
 class CompareConfig:
     """Settings shared by the RkCNN comparison experiments (data, SAE, training, RkCNN init, stats)."""
@@ -106,14 +109,8 @@ class CompareConfig:
     """Training curves: a latent not fired for this many steps counts as dead."""
     init_tokens: int = 16_384
     """Sample for the input scale, b_dec and the RkCNN probe."""
-    rkcnn_fraction: float = 0.5
-    """Share of latents initialised at mined directions."""
-    rkcnn_subsets: int = 4608
-    """Subsets the probe scores (h); it keeps the best rkcnn_fraction * d_sae of them."""
-    rkcnn_subset_size: int | None = None
-    """Dims per subset (m); default round(sqrt(d_in))."""
-    rkcnn_score: Literal["kurtosis", "knn", "variance_ratio"] = "kurtosis"
-    """Subset score of the probe."""
+    rkcnn: RkcnnConfig = group(RkcnnConfig, rkcnn_subsets=4608)
+    """--rkcnn-* options of the RkCNN init (saelab/rkcnn/init.py)."""
     level: float = 0.95
     """Confidence level of the intervals."""
 
@@ -122,16 +119,17 @@ class CompareConfig:
         if self.seeds < 2:
             p.append(f"seeds={self.seeds}: need at least 2 for a confidence interval (3 or more recommended)")
         for name in ("tokens", "max_length", "chunk_tokens", "collect_batch_size", "d_sae", "k", "steps",
-                     "batch_size", "eval_tokens", "dead_window", "init_tokens", "rkcnn_subsets"):
+                     "batch_size", "eval_tokens", "dead_window", "init_tokens"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.level < 1:
             p.append(f"level must be in (0, 1), got {self.level}")
-        if not 0 < self.rkcnn_fraction <= 1:
-            p.append(f"rkcnn_fraction must be in (0, 1], got {self.rkcnn_fraction}")
+        if self.rkcnn.rkcnn_fraction <= 0:
+            p.append(f"rkcnn_fraction must be in (0, 1], got {self.rkcnn.rkcnn_fraction}")
         raise_all(p, "rkcnn comparison config")
 
 
+@grouped
 @dataclass
 class Config(CompareConfig):
     """Settings of rkcnn-vs-baseline."""
@@ -190,14 +188,20 @@ def group_stats(act: LatentActivity, mask_F: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def max_cos(W_dec_FD: torch.Tensor, mask_F: torch.Tensor) -> float:
-    """mean_{i∈G} max_{j∈G, j≠i} |cos(row_i, row_j)| over the rows in `mask_F` (NaN for < 2 rows)."""
-    W = W_dec_FD[mask_F].double()
+def redundancy(W_dec_FD: torch.Tensor, mask_F: torch.Tensor) -> float:
+    """mean_{i∈G} max_{j∈G, j≠i} |cos(W_dec_i, W_dec_j)| over the rows in mask_F (NaN for < 2 rows).
+
+    Unlike `saelab.metrics.max_cos_to_others` (signed cosine, every row against all others, one value
+    per row) this is unsigned (W and −W count as duplicates), restricted to a group and averaged. It
+    is that helper on the stacked [W_G; −W_G]: a row's own negation (cos −1) is never the maximum.
+    """
+    W = W_dec_FD[mask_F].float()
     if W.shape[0] < 2:
         return math.nan
-    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    C = (W @ W.T).abs().fill_diagonal_(0)
-    return float(C.max(1).values.mean())
+    return float(max_cos_to_others(torch.cat([W, -W]))[: W.shape[0]].mean())
+
+
+max_cos = redundancy  # the old name
 
 
 def compare_values(a, b, level: float = 0.95) -> dict:
@@ -226,10 +230,8 @@ def train_config(cfg: CompareConfig, store: str, hook: str, out: Path, method: s
         lr=cfg.lr, batch_size=cfg.batch_size, tokens=cfg.steps * cfg.batch_size,
         warmup_steps=max(1, min(100, cfg.steps // 10)), eval_every=cfg.eval_every, eval_tokens=cfg.eval_tokens,
         checkpoint_every=0, val_fraction=cfg.val_fraction, seed=seed, init_tokens=cfg.init_tokens,
-        init="random" if method == "baseline" else "rkcnn", rkcnn_fraction=cfg.rkcnn_fraction,
-        rkcnn_subsets=cfg.rkcnn_subsets, rkcnn_subset_size=cfg.rkcnn_subset_size, rkcnn_score=cfg.rkcnn_score,
-        dead_window=cfg.dead_window, log_every=max(1, min(10, cfg.steps // 30)), shuffle_chunks=4,
-        overwrite=True)
+        init="random" if method == "baseline" else "rkcnn", rkcnn=cfg.rkcnn, dead_window=cfg.dead_window,
+        log_every=max(1, min(10, cfg.steps // 30)), shuffle_chunks=4, overwrite=True)
 
 
 def run_one(cfg: CompareConfig, store: str, hook: str, out: Path, method: str, seed: int,
@@ -251,7 +253,7 @@ def run_one(cfg: CompareConfig, store: str, hook: str, out: Path, method: str, s
     m = res.runs[0].final_metrics
     row = {"seed": seed, "method": method, "dead_frac": float((act.count_F == 0).double().mean()),
            "dead_count": int((act.count_F == 0).sum()), "l0": m["val_l0"], "mse": m["val_mse"],
-           "fvu": m["val_fvu"], **group_stats(act, mined_F), "mined_max_cos": max_cos(sae.W_dec_FD.detach(), mined_F),
+           "fvu": m["val_fvu"], **group_stats(act, mined_F), "mined_max_cos": redundancy(sae.W_dec_FD.detach(), mined_F),
            "n_mined": int(mined_F.sum()),
            "eval_tokens": act.tokens, "run_dir": str(out)}
     return row, mined_F
@@ -314,7 +316,7 @@ def collect_store(cfg: CompareConfig, hooks: list[str], out: Path, quiet: bool) 
 
 
 def synthetic_store(root: Path, hook: str, seed: int = 0) -> str:
-    """A small planted-feature store (train_data.make_synthetic_store) for dry runs."""
+    """A small planted-feature store (saelab.store.synthetic.make_synthetic_store) for dry runs."""
     from saelab.store.synthetic import make_synthetic_store
 
     if not (root / "store.json").is_file():

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from saelab.config import to_dict
+from saelab.config import grouped, to_dict
 from saelab.errors import UsageError, raise_all
 from saelab.experiments import rkcnn_compare as rc
 from saelab.experiments.rkcnn_plots import plot_dead_latents, plot_dead_per_layer, plot_training_curves
@@ -31,6 +31,7 @@ RESULT_KEYS = ("experiment", "dry_run", "config", "store", "layer_indices", "lay
 PLOTS = {"dead_per_layer": "dead_per_layer.png"}
 
 
+@grouped
 @dataclass
 class Config(rc.CompareConfig):
     """Settings of rkcnn-layers (the comparison settings, plus which layers)."""

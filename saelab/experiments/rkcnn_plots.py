@@ -1,5 +1,5 @@
 """Plots of the RkCNN comparison experiments (matplotlib Agg, PNG): training curves, dead latents,
-dead rate per layer. Pure rendering: the numbers come from rkcnn_compare / rkcnn_layers.
+dead rate per layer, and the toy experiment. Pure rendering: the numbers come from rkcnn_compare / rkcnn_layers.
 
 Training curves: for each method, the per-step training metric averaged over seeds (line) with the
 min-max over seeds (band); steps where some seed has no row are left out.
@@ -97,6 +97,79 @@ def plot_dead_per_layer(path: Path, layers: list[int], stats: dict[str, list[tup
     ax.set_xticks(layers)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the toy experiment (seed 0)
+
+
+def _heatmap(path: Path, M, title: str, xlabel: str, ylabel: str, vmin: float, vmax: float, cmap: str = "viridis"):
+    fig, (ax,) = _figure(5.5, 4.0)
+    im = ax.imshow(M.numpy(), vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    fig.colorbar(im, ax=ax)
+    if M.numel() <= 400:
+        for (i, j), v in zip(((i, j) for i in range(M.shape[0]) for j in range(M.shape[1])), M.flatten().tolist()):
+            dark = v < 0.6 * vmax if cmap == "viridis" else abs(v) > 0.6 * vmax
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if dark else "k")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def plot_toy(out: Path, cfg, d: dict, names: dict[str, str]) -> dict[str, str]:
+    """Score histogram, top-10 kept scores, |cos| kept vs true, true-feature overlap (seed 0)."""
+    import torch
+
+    from saelab.plots import save_histogram
+
+    scores = d["scores_H"].double()
+    lo, hi = float(scores.min()), float(scores.max())
+    hi = hi if hi > lo else lo + 1e-6
+    counts = torch.histc(scores, bins=30, min=lo, max=hi).long().tolist()
+    save_histogram(out / names["score_distribution"], torch.linspace(lo, hi, 31).tolist(), counts,
+                   title=f"{cfg.score} score of {cfg.h} random {cfg.m}-dim subsets (seed 0)",
+                   xlabel=f"{cfg.score} score", ylabel="subsets")
+    top = d["kept_scores"][:10]
+    fig, (ax,) = _figure(5.5, 4.0)
+    ax.bar(range(1, len(top) + 1), top.tolist(), color="tab:blue")
+    ax.axhline(cfg.min_top_score, color="tab:red", ls="--", label=f"threshold {cfg.min_top_score}")
+    ax.set_xlabel("rank (kept directions)")
+    ax.set_ylabel(f"{cfg.score} score")
+    ax.set_title("Top-10 kept scores (seed 0)", fontsize=10)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / names["top10_scores"], format="png")
+    cos = d["cos_RF"]
+    _heatmap(out / names["cos_mined_vs_true"], cos[:40, :40], f"|cos| kept vs true (match >= {cfg.match_threshold})",
+             "true feature i", "kept direction (rank)", vmin=0, vmax=1)
+    ov = d["overlap_FF"][:40, :40]
+    lim = float(ov.abs().max())
+    _heatmap(out / names["feature_overlap"], ov, "True-feature overlap (seed 0)", "feature j", "feature i",
+             vmin=-lim, vmax=lim, cmap="RdBu_r")
+    return dict(names)
+
+
+def plot_arms(path: Path, results: dict) -> Path:
+    """rkcnn-arms: dead %, final FVU and FVU at step 0 per arm (bar = mean, dots = seeds)."""
+    names = list(results["arms"])
+    fig, axes = _figure(max(8.0, 0.45 * len(names) * 3), 4.2, 3)
+    for ax, (metric, label, scale) in zip(axes, (("dead_frac", "dead latents (%)", 100.0), ("fvu", "final FVU", 1.0),
+                                                 ("fvu_step0", "FVU at step 0", 1.0))):
+        for i, name in enumerate(names):
+            v = [scale * r[metric] for r in results["per_run"] if r["arm"] == name and r[metric] == r[metric]]
+            if v:
+                color = "tab:gray" if name.startswith("baseline") else "tab:orange"
+                ax.bar(i, sum(v) / len(v), color=color, alpha=0.7)
+                ax.plot([i] * len(v), v, "k.", markersize=4)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_title(label, fontsize=10)
+        if metric == "fvu_step0":
+            ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path

@@ -23,6 +23,7 @@ from saelab.config import config_from_dict, group, grouped
 from saelab.corpus import CorpusConfig
 from saelab.errors import UsageError, raise_all
 from saelab.models import ModelConfig
+from saelab.rkcnn import RkcnnConfig
 from saelab.saes import REGISTRY
 from saelab.store.synthetic import make_synthetic_store
 
@@ -118,16 +119,11 @@ class TrainConfig:
     """Chunks mixed in the shuffle buffer (RAM ~ shuffle_chunks * chunk size)."""
     init_tokens: int = 16_384
     """Tokens sampled to estimate the input scale and b_dec (geometric median)."""
-    init: Literal["random", "rkcnn"] = "random"
-    """Decoder initialisation: random, or rkcnn directions mined from the init sample (saelab.rkcnn)."""
-    rkcnn_fraction: float = 0.5
-    """--init rkcnn: share of the latents whose decoder rows start at mined directions (at most --rkcnn-subsets)."""
-    rkcnn_subsets: int = 600
-    """--init rkcnn: random dimension subsets the probe scores (h); it keeps the best fraction * d_sae."""
-    rkcnn_subset_size: int | None = None
-    """--init rkcnn: dims per subset (m); default round(sqrt(d_in))."""
-    rkcnn_score: Literal["kurtosis", "knn", "variance_ratio"] = "kurtosis"
-    """--init rkcnn: how subsets are ranked (see saelab/rkcnn.py)."""
+    init: Literal["random", "rkcnn", "data_rows", "kmeans", "pca"] = "random"
+    """Decoder initialisation: random, or --rkcnn-fraction of the rows from the init sample: rkcnn directions
+    (saelab.rkcnn), random centred data rows, k-means centres or PCA axes."""
+    rkcnn: RkcnnConfig = group(RkcnnConfig)
+    """--rkcnn-* options of the data-driven inits (saelab/rkcnn/init.py); defaults are the method's."""
     dead_window: int = 1000
     """A latent that has not fired for this many steps counts as dead."""
     resample_dead: bool = False
@@ -152,7 +148,7 @@ class TrainConfig:
 
     def __post_init__(self):
         p = []
-        for name in ("lr", "l1_coeff", "beta1", "beta2", "decay_fraction", "val_fraction", "rkcnn_fraction"):
+        for name in ("lr", "l1_coeff", "beta1", "beta2", "decay_fraction", "val_fraction"):  # rkcnn_*: RkcnnConfig
             v = getattr(self, name)
             if isinstance(v, float) and not math.isfinite(v):
                 p.append(f"{name} must be a finite number, got {v}")
@@ -185,12 +181,6 @@ class TrainConfig:
                      f"{self.architecture or 'the automatic choice (topk/batchtopk); pass --architecture relu'}")
         if self.tokens is not None and self.tokens <= 0:
             p.append(f"tokens must be > 0, got {self.tokens}")
-        if not 0 <= self.rkcnn_fraction <= 1:
-            p.append(f"rkcnn_fraction must be in [0, 1] (the share of latents to mine), got {self.rkcnn_fraction}")
-        if self.rkcnn_subsets < 1:
-            p.append(f"rkcnn_subsets must be >= 1, got {self.rkcnn_subsets}")
-        if self.rkcnn_subset_size is not None and self.rkcnn_subset_size < 1:
-            p.append(f"rkcnn_subset_size must be >= 1 (or unset for sqrt(d_in)), got {self.rkcnn_subset_size}")
         if (self.lm.model is None) != (self.text.corpus is None):
             p.append("streaming needs both --model and --corpus")
         raise_all(p, "invalid training config")

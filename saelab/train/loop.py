@@ -44,7 +44,7 @@ from saelab.saes import TrainOutput, make_sae
 from saelab.train import checkpoint as ck
 from saelab.train.checkpoint import RunState
 from saelab.train.config import TrainConfig, lora_train_defaults, quick_test_config, resolve_auto, sae_configs
-from saelab.train.init import init_dirs
+from saelab.train.init import init_dirs, init_encoder_
 from saelab.train.memory import check_memory
 from saelab.train.outdir import check_out_dir, clear_previous_run
 from saelab.train.schedule import DeadTracker, lr_at, resample_dead_, sparsity_scale_at
@@ -229,6 +229,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     runs: list[RunState] = []
     for name, sae_cfg in specs:
         sae = make_sae(sae_cfg, init_dirs_FD=init_dirs(cfg, sae_cfg.d_sae, x_init_ND) if x_init_ND is not None else None)
+        init_encoder_(sae, cfg)
         if x_init_ND is not None:
             sae.init_from_data_(x_init_ND)
         sae.to(device).train()

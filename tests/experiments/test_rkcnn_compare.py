@@ -68,7 +68,12 @@ def test_checkpoint_records_mined_latents_at_their_mined_directions(store, tmp_p
     assert want_MD.shape == (n, 16)
     assert ((want_MD != 0).sum(1) == 4).all()  # each mined direction lives on its 4-dim subset
     torch.testing.assert_close(_unit(sae.W_dec_FD[:n]), want_MD, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_unit(sae.W_enc_DF.T[:n]), want_MD, atol=1e-5, rtol=0)  # encoder = decoder^T
+    # The method: the encoder columns of mined latents stay random (not W_dec^T); the others are tied.
+    cos_F = (_unit(sae.W_enc_DF.T) * _unit(sae.W_dec_FD)).sum(1)
+    assert cos_F[:n].abs().max() < 0.9 and (cos_F[n:] > 0.999).all()
+    tied = load_sae(train(_cfg(store, tmp_path / "tied", init="rkcnn", rkcnn_init_encoder="tied"),
+                          quiet=True).final_dir)
+    torch.testing.assert_close(_unit(tied.W_enc_DF.T[:n]), want_MD, atol=1e-5, rtol=0)  # encoder = decoder^T
 
     base = load_sae(train(_cfg(store, tmp_path / "base", init="random"), quiet=True).final_dir)
     assert base.metadata["mined_latents"] == [] and not base.init_from_dirs_F.any()
@@ -77,15 +82,10 @@ def test_checkpoint_records_mined_latents_at_their_mined_directions(store, tmp_p
     assert (_unit(base.W_dec_FD[:n]) - want_MD).abs().max() > 0.1
 
 
-def test_orient_heavy_tail_points_at_the_sparse_side():
-    from saelab.train import orient_heavy_tail
-
-    g = torch.Generator().manual_seed(0)
-    x_ND = 0.1 * torch.randn(4000, 3, generator=g)
-    x_ND[:, 0] += 5.0 * (torch.rand(4000, generator=g) < 0.05)   # sparse feature, positive along e0
-    x_ND[:, 1] -= 5.0 * (torch.rand(4000, generator=g) < 0.05)   # sparse feature, negative along e1
-    dirs = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    torch.testing.assert_close(orient_heavy_tail(x_ND, dirs), torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]))
+@pytest.mark.parametrize("kind", ["data_rows", "kmeans", "pca"])
+def test_other_data_driven_inits_train(store, tmp_path, kind):
+    sae = load_sae(train(_cfg(store, tmp_path / kind, init=kind), quiet=True).final_dir)
+    assert sae.init_from_dirs_F.sum() == 16 and sae.metadata["training"]["init"] == kind
 
 
 def test_train_flags_reach_the_config():
@@ -94,11 +94,15 @@ def test_train_flags_reach_the_config():
     argv = ["train", "--init", "rkcnn", "--rkcnn-fraction", "0.3", "--rkcnn-subsets", "600",
             "--rkcnn-subset-size", "24", "--rkcnn-score", "variance_ratio"]
     cfg = build_train_config(build_parser().parse_args(rewrite_aliases(argv)))
-    assert (cfg.init, cfg.rkcnn_fraction, cfg.rkcnn_subsets, cfg.rkcnn_subset_size, cfg.rkcnn_score) == (
+    rk = cfg.rkcnn
+    assert (cfg.init, rk.rkcnn_fraction, rk.rkcnn_subsets, rk.rkcnn_subset_size, rk.rkcnn_score) == (
         "rkcnn", 0.3, 600, 24, "variance_ratio")
+    argv += ["--rkcnn-dedup", "cos_cap", "--rkcnn-init-encoder", "tied"]
+    cfg = build_train_config(build_parser().parse_args(rewrite_aliases(argv)))
+    assert cfg.rkcnn.rkcnn_dedup == "cos_cap" and cfg.rkcnn.rkcnn_init_encoder == "tied"
     with pytest.raises(UsageError) as e:
         TrainConfig(rkcnn_fraction=1.5, rkcnn_subsets=0)
-    assert "rkcnn_fraction" in str(e.value) and "rkcnn_subsets" in str(e.value)
+    assert all(s in str(e.value) for s in ("rkcnn_fraction=1.5", "rkcnn_subsets=0"))  # every problem at once
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""rkcnn-arms: known answers for its helpers, step-0 SAE = train's SAE, the seed's λ conversion, dry run."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.store.synthetic import make_synthetic_store
+from saelab.cli import main
+from saelab.experiments import rkcnn_arms as ra
+from saelab.experiments import rkcnn_compare as rc
+from saelab.rkcnn import RkcnnConfig
+from saelab.saes import load_sae
+from saelab.statistics import mean_std, t_quantile
+from saelab.store import load_store
+from saelab.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HOOK = "model.layers.3.mlp"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "s", d_in=16, n_tokens=8192,
+                                   chunk_tokens=512, seed=0, hook=HOOK)
+
+
+def test_redundancy_is_mean_max_abs_cos_within_the_group():
+    W = torch.tensor([[1.0, 0.0], [-0.6, 0.8], [0.0, 1.0], [1.0, 1.0]])
+    mask = torch.tensor([True, True, True, False])
+    # |cos|: (0,1) 0.6, (0,2) 0, (1,2) 0.8 -> row maxima 0.6, 0.8, 0.8
+    assert rc.redundancy(W, mask) == pytest.approx((0.6 + 0.8 + 0.8) / 3)
+    assert rc.redundancy(torch.tensor([[1.0, 0.0], [-2.0, 0.0]]), torch.tensor([True, True])) == pytest.approx(1.0)
+    assert math.isnan(rc.redundancy(W, torch.tensor([True, False, False, False])))
+
+
+def test_paired_interval_by_hand():
+    a, b = [1.0, 2.0, 4.0], [0.5, 1.0, 2.5]
+    d = [0.5, 1.0, 1.5]
+    ms = mean_std(d)
+    got = ra.paired(a, b, 0.95)
+    assert got["estimate"] == pytest.approx(1.0) and got["n"] == 3
+    assert got["high"] - got["estimate"] == pytest.approx(t_quantile(0.975, 2) * ms.sem)
+    assert ra.paired([1.0, math.nan], [0.0, 0.0], 0.95) is None
+
+
+def test_initial_sae_is_the_sae_train_starts_from(store, tmp_path):
+    cfg = ra.Config(data=str(store), hook=HOOK, plan="factorial", seeds=2, steps=1, expansion=4, batch_size=128,
+                    eval_tokens=512, init_tokens=1024, val_fraction=0.2).resolved()
+    arm = ra.arms_of("factorial")["relu-random-none-10"]
+    tcfg = ra.train_config(cfg, str(store), 16, arm, 0, tmp_path / "run", 1.0)
+    tcfg = type(tcfg)(**{**tcfg.__dict__, "lr": 1e-12})
+    sae0, _ = ra.initial_sae(tcfg)
+    trained = load_sae(train(tcfg, quiet=True).final_dir)
+    assert torch.equal(sae0.init_from_dirs_F, trained.init_from_dirs_F) and int(sae0.init_from_dirs_F.sum()) == 6
+    s = float(sae0.input_scale)  # saved weights are folded: W_dec' = W_dec / s
+    torch.testing.assert_close(trained.W_dec_FD * s, sae0.W_dec_FD.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_faithful_plan_uses_the_seeds_settings(store, tmp_path):
+    cfg = ra.Config(data=str(store), hook=HOOK, plan="faithful").resolved()
+    assert (cfg.steps, cfg.expansion, cfg.batch_size, cfg.lr) == (10_000, 8, 256, 1e-3)
+    arms = ra.arms_of("faithful")
+    t = ra.train_config(cfg, str(store), 16, arms["rkcnn-seed"], 0, tmp_path, input_scale=2.0)
+    assert t.l1_coeff == pytest.approx(1e-3 * 16 / 128 * 2.0)  # λ (D / F) s
+    assert t.sae_options == {"normalize_decoder": True, "l1_weighted": False, "init_enc_from_dec": False,
+                             "b_dec_init": "zeros"}
+    assert (t.warmup_steps, t.decay_fraction, t.rkcnn.rkcnn_subsets, t.rkcnn.rkcnn_fraction) == (0, 0.0, 600, 0.5)
+    assert t.rkcnn == RkcnnConfig(rkcnn_subsets=600) and t.init == "rkcnn"  # the other defaults are the method's
+
+
+def test_factorial_has_every_cell():
+    arms = ra.arms_of("factorial")
+    assert len(arms) == 2 * (1 + 2 * 2 * 2)  # per architecture: baseline + encoder x dedup x fraction
+    assert arms["topk-tied-cos_cap-50"]["options"] == {"init_encoder": "tied", "dedup": "cos_cap", "orient": "heavy_tail"}
+
+
+def test_dry_run_writes_results_and_reuses_saved_runs(tmp_path, capsys):
+    argv = ["experiment", "rkcnn-arms", "--dry-run", "--plan", "dead", "--arms", "rkcnn-none-10", "--out",
+            str(tmp_path), "-q"]
+    assert main(argv) == 0
+    assert "rkcnn-none-10" in capsys.readouterr().out
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res) == set(ra.RESULT_KEYS) and set(res["arms"]) == {"baseline-relu", "rkcnn-none-10"}
+    assert len(res["per_run"]) == 4 and (tmp_path / "arms.png").read_bytes()[:4] == b"\x89PNG"
+    d = res["summary"]["rkcnn-none-10"]["fvu"]["diff"]
+    rows = {(r["arm"], r["seed"]): r for r in res["per_run"]}
+    diffs = [rows[("rkcnn-none-10", s)]["fvu"] - rows[("baseline-relu", s)]["fvu"] for s in (0, 1)]
+    assert d["estimate"] == pytest.approx(sum(diffs) / 2)
+    assert all(r["n_mined"] == (0 if r["arm"].startswith("baseline") else round(0.1 * 64)) for r in res["per_run"])
+    assert main(argv) == 0  # every run is reused: same rows
+    assert json.loads((tmp_path / "results.json").read_text())["per_run"] == res["per_run"]
+    assert main(["experiment", "rkcnn-arms", "--dry-run", "--arms", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_store_pass_counts_dead_latents_and_the_seeds_ev(store):
+    cfg = ra.Config(data=str(store), hook=HOOK, plan="factorial", seeds=2, steps=1, expansion=2, batch_size=128,
+                    init_tokens=1024).resolved()
+    tcfg = ra.train_config(cfg, str(store), 16, ra.arms_of("factorial")["baseline-relu"], 0, Path("/nonexistent"), 1.0)
+    sae, _ = ra.initial_sae(tcfg)
+    with torch.no_grad():
+        sae.b_enc_F[:5] = -1e6  # five latents that can never fire
+    sp = ra.store_pass(sae, load_store(str(store)), HOOK, 3000)
+    assert sp["tokens"] == 3000 and (sp["count_F"][:5] == 0).all() and (sp["count_F"][5:] > 0).all()
+    X = torch.cat([torch.from_numpy(load_store(str(store)).read_activations(c, HOOK).copy()).float()
+                   for c in load_store(str(store)).select("all")])[:3000]
+    with torch.no_grad():
+        x_hat, _ = sae(X)
+    want = 1 - (X - x_hat).var(unbiased=False) / X.var(unbiased=False)
+    assert sp["ev_seed"] == pytest.approx(float(want), rel=1e-4)
+
+
+def test_steps_zero_measures_the_initial_sae_only(tmp_path):
+    assert main(["experiment", "rkcnn-arms", "--dry-run", "--steps", "0", "--arms", "topk-tied-none-50",
+                 "--out", str(tmp_path), "-q"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["per_run"]
+    assert rows and all(r["fvu"] == r["fvu_step0"] for r in rows)
+    assert not any((tmp_path / "runs" / f"{r['arm']}_s{r['seed']}" / "final").exists() for r in rows)
