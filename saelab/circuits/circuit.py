@@ -98,6 +98,7 @@ class Circuit:
                          f"{v['spearman']:.3f} [{v['low']:.3f}, {v['high']:.3f}] ({int(100 * v['level'])}% "
                          "bootstrap over prompts)")
         for n in nodes[:10]:
-            lines.append(f"  {n['id']:>14}  {self.sites[n['site']]['name']:<28} pos {n['position']:>3} "
+            pos = "all" if n["position"] is None else n["position"]
+            lines.append(f"  {n['id']:>14}  {self.sites[n['site']]['name']:<28} pos {pos:>3} "
                          f"{n['kind']:<6} score {n['score']:+.4f}")
         return "\n".join(lines)

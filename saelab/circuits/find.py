@@ -173,7 +173,7 @@ def find_circuit(model, saes, prompts: Sequence[Prompt], cfg: CircuitConfig | No
     saes = list(saes)
     sites = saes if all(isinstance(s, Site) for s in saes) else make_sites(saes, hooks)
     ti = tokenizer_info(tok)
-    batch = tokenize(tok, list(prompts), cfg.metric, ti["bos_id"], ti["pad_id"])
+    batch = tokenize(tok, list(prompts), cfg.metric, ti["bos_id"], ti["pad_id"], cfg.baseline == "corrupted")
     if cfg.baseline == "corrupted" and batch.corrupted_ids_BS is None:
         raise UsageError("--baseline corrupted needs a `corrupted` prompt in every JSONL line.")
     check_sites(lm, info, sites, batch)

@@ -133,14 +133,18 @@ def resolve_metric(prompts: list[Prompt], metric: Metric) -> str:
     return metric
 
 
-def tokenize(tokenizer, prompts: list[Prompt], metric: Metric, bos_id: int, pad_id: int) -> Batch:
-    """Tokenise prompts (BOS first) for `metric` ('auto': logit_diff when every prompt has a wrong answer).
+def tokenize(tokenizer, prompts: list[Prompt], metric: Metric, bos_id: int, pad_id: int,
+             corrupted: bool = True) -> Batch:
+    """Tokenise prompts (BOS first) for `metric` ('auto': logit_diff when every prompt has a wrong answer);
+    `corrupted=False` ignores the counterfactual prompts.
 
     Raises:
         UsageError: empty answers, equal first tokens for answer and wrong_answer, a corrupted prompt
             whose token length differs from its prompt; every offending prompt is listed.
     """
     metric = resolve_metric(prompts, metric)
+    if not corrupted:
+        prompts = [Prompt(p.prompt, p.answer, p.wrong_answer) for p in prompts]
     if any(p.corrupted is not None for p in prompts) and not all(p.corrupted is not None for p in prompts):
         raise UsageError("some prompts have a `corrupted` counterfactual and some do not; give it for all or none.")
     rows, corr, reads, targets, wrongs, problems = [], [], [], [], [], []

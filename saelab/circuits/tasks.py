@@ -114,8 +114,8 @@ TASKS = {"agreement": "subject-verb agreement across an attractor (logit differe
          "champ": "next key number of a champ solution step (log probability)"}
 
 
-def build_task(name: str, n: int = 64, seed: int = 0, tokenizer=None) -> list[Prompt]:
-    """The prompts of built-in task `name`.
+def build_task(name: str, n: int = 64, seed: int = 0, tokenizer=None, champ_path=None) -> list[Prompt]:
+    """The prompts of built-in task `name` (`champ_path`: another champ.jsonl than the fetched corpus).
 
     Raises:
         UsageError: an unknown task name (with the list of tasks).
@@ -125,6 +125,6 @@ def build_task(name: str, n: int = 64, seed: int = 0, tokenizer=None) -> list[Pr
     if name == "arithmetic":
         return arithmetic(n, seed)
     if name == "champ":
-        return champ_steps(None, n, seed)
+        return champ_steps(champ_path, n, seed)
     raise UsageError(f"unknown task {name!r}.{did_you_mean(name, TASKS)} Built-in tasks: "
                      + ", ".join(f"{k} ({v})" for k, v in TASKS.items()))

@@ -20,4 +20,5 @@ EXPERIMENTS: dict[str, str] = {
     "reasoning": "saelab.experiments.reasoning",
     "rkcnn-vs-baseline": "saelab.experiments.rkcnn_compare",
     "rkcnn-layers": "saelab.experiments.rkcnn_layers",
+    "circuits": "saelab.experiments.circuits",
 }
