@@ -114,8 +114,10 @@ TASKS = {"agreement": "subject-verb agreement across an attractor (logit differe
          "champ": "next key number of a champ solution step (log probability)"}
 
 
-def build_task(name: str, n: int = 64, seed: int = 0, tokenizer=None, champ_path=None) -> list[Prompt]:
-    """The prompts of built-in task `name` (`champ_path`: another champ.jsonl than the fetched corpus).
+def build_task(name: str, n: int = 64, seed: int = 0, tokenizer=None, champ_path=None,
+               max_chars: int = 700) -> list[Prompt]:
+    """The prompts of built-in task `name` (champ: `champ_path` instead of the fetched corpus, prompts of at
+    most `max_chars` characters).
 
     Raises:
         UsageError: an unknown task name (with the list of tasks).
@@ -125,6 +127,6 @@ def build_task(name: str, n: int = 64, seed: int = 0, tokenizer=None, champ_path
     if name == "arithmetic":
         return arithmetic(n, seed)
     if name == "champ":
-        return champ_steps(champ_path, n, seed)
+        return champ_steps(champ_path, n, seed, max_chars)
     raise UsageError(f"unknown task {name!r}.{did_you_mean(name, TASKS)} Built-in tasks: "
                      + ", ".join(f"{k} ({v})" for k, v in TASKS.items()))

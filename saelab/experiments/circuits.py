@@ -54,7 +54,13 @@ class Config:
     corpus: str = "champ-cot"
     """Text the SAEs are trained on."""
     tokens: int = 300_000
-    """Activations collected per layer (and tokens each SAE trains on)."""
+    """Activations collected per layer."""
+    train_tokens: int = 600_000
+    """Tokens each SAE trains on (cycling the store)."""
+    train_batch: int = 1024
+    """SAE training batch (tokens)."""
+    lr: float = 1e-3
+    """SAE learning rate."""
     max_length: int = 256
     """Tokens per packed training sequence."""
     k: int = 32
@@ -64,7 +70,11 @@ class Config:
     tasks: list[str] = field(default_factory=lambda: ["agreement", "arithmetic", "champ"])
     """Built-in tasks to find circuits for."""
     n_prompts: int = 32
-    """Prompts per task."""
+    """Prompts per task (agreement, arithmetic)."""
+    champ_prompts: int = 16
+    """Prompts of the champ task (long: a problem and the solution so far)."""
+    champ_max_chars: int = 500
+    """Longest champ prompt, in characters."""
     max_features: int = 100
     """Latent nodes per circuit."""
     validate: int = 50
@@ -98,7 +108,8 @@ def _dry_setup(root: Path, cfg: Config) -> tuple[Config, Path]:
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     return dataclasses.replace(cfg, model=str(root / "model"), layers=[0, 1], corpus=str(root / "corpus.txt"),
-                               tokens=4000, max_length=64, k=4, expansion_factor=2, n_prompts=8, max_features=10,
+                               tokens=4000, train_tokens=4000, train_batch=256, max_length=64, k=4, expansion_factor=2,
+                               n_prompts=8, champ_prompts=8, max_features=10,
                                validate=10, control_draws=2), root / "champ.jsonl"
 
 
@@ -112,8 +123,8 @@ def _train_saes(cfg: Config, out: Path, quiet: bool) -> tuple[list[Path], Path]:
     for layer in cfg.layers:
         res = train(TrainConfig(data=str(store), hook=f"model.layers.{layer}", out=str(out / f"sae_L{layer:02d}"),
                                 architecture="topk", k=[cfg.k], expansion_factor=[cfg.expansion_factor],
-                                tokens=cfg.tokens, batch_size=min(4096, cfg.tokens // 8), eval_every=10_000,
-                                checkpoint_every=100_000, seed=cfg.seed, warmup_steps=10), quiet=quiet)
+                                tokens=cfg.train_tokens, batch_size=cfg.train_batch, lr=cfg.lr, eval_every=100,
+                                eval_tokens=8192, checkpoint_every=100_000, seed=cfg.seed, warmup_steps=20), quiet=quiet)
         dirs.append(Path(res.best_dir))
     return dirs, store
 
@@ -159,7 +170,8 @@ def run(cfg: Config, out, dry_run: bool = False, quiet: bool = False) -> dict:
     circuits, names = [], []
     for name in cfg.tasks:
         t = time.perf_counter()
-        prompts = build_task(name, cfg.n_prompts, cfg.seed, None if dry_run else lm.tokenizer, champ_path=champ_path)
+        prompts = build_task(name, cfg.champ_prompts if name == "champ" else cfg.n_prompts, cfg.seed,
+                             None if dry_run else lm.tokenizer, champ_path=champ_path, max_chars=cfg.champ_max_chars)
         ccfg = CircuitConfig(max_features=cfg.max_features, validate=cfg.validate, seed=cfg.seed,
                              aggregate="positions" if name == "champ" else "none")
         c = find_circuit(lm, saes, prompts, ccfg, quiet=quiet)
