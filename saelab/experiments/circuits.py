@@ -3,7 +3,7 @@
 1. SAEs: the given `--sae` directories, or: collect the residual stream after each of `layers` on
    `corpus` (one store) and train one TopK SAE per layer on it.
 2. For each task in `tasks` (circuits.tasks: agreement, arithmetic, champ): find_circuit with
-   attribution patching, mean baseline, `max_features` latent nodes (champ: nodes summed over
+   integrated gradients (`method`; Marks et al. use ig for nodes) or attribution patching, mean baseline, `max_features` latent nodes (champ: nodes summed over
    positions, its prompts differ in length), edges, the faithfulness curve and the validation of
    the top `validate` nodes against single-node ablations (Spearman, bootstrap CI over prompts).
 3. Control: `control_draws` random circuits with as many latent nodes (drawn from the nodes with a
@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -75,6 +76,10 @@ class Config:
     """Prompts of the champ task (long: a problem and the solution so far)."""
     champ_max_chars: int = 500
     """Longest champ prompt, in characters."""
+    method: Literal["atp", "ig"] = "ig"
+    """Node attribution (ig, as Marks et al. use for nodes; atp is one pass but misjudges error nodes)."""
+    ig_steps: int = 10
+    """Integrated-gradient points per SAE."""
     max_features: int = 100
     """Latent nodes per circuit."""
     validate: int = 50
@@ -172,7 +177,8 @@ def run(cfg: Config, out, dry_run: bool = False, quiet: bool = False) -> dict:
         t = time.perf_counter()
         prompts = build_task(name, cfg.champ_prompts if name == "champ" else cfg.n_prompts, cfg.seed,
                              None if dry_run else lm.tokenizer, champ_path=champ_path, max_chars=cfg.champ_max_chars)
-        ccfg = CircuitConfig(max_features=cfg.max_features, validate=cfg.validate, seed=cfg.seed,
+        ccfg = CircuitConfig(method=cfg.method, ig_steps=cfg.ig_steps, max_features=cfg.max_features,
+                             validate=cfg.validate, seed=cfg.seed,
                              aggregate="positions" if name == "champ" else "none")
         c = find_circuit(lm, saes, prompts, ccfg, quiet=quiet)
         d = out / name
