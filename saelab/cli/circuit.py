@@ -10,48 +10,39 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from saelab.circuits.find import CircuitConfig, find_circuit
+from saelab.circuits.html import node_examples, write_page
+from saelab.circuits.plots import save_curve, save_graph, save_validation
+from saelab.circuits.prompts import read_prompts, write_prompts
+from saelab.circuits.tasks import TASKS, build_task
+from saelab.cli.common import config_command
+from saelab.models import load_model
+from saelab.saes import load_sae
+
 
 def register(sub) -> None:
     """Add `circuit` to the `saelab` parser."""
-    from saelab.circuits.find import CircuitConfig
-    from saelab.circuits.tasks import TASKS
-    from saelab.cli import add_common_flags
-    from saelab.config import add_dataclass_args
-
-    p = sub.add_parser(
-        "circuit", help="find the SAE features (and SAE errors) that carry a behaviour, with edges and faithfulness",
+    p = config_command(
+        sub, "circuit", CircuitConfig, run,
+        help="find the SAE features (and SAE errors) that carry a behaviour, with edges and faithfulness",
         description="Attribute a metric on a set of prompts to SAE latents and SAE error terms at several hook "
                     "points (attribution patching or integrated gradients), connect them with edges, and measure "
                     "how faithful the circuit is by mean-ablating everything outside it.")
-    p.add_argument("--sae", nargs="+", required=True, metavar="DIR", help="SAE directories, one per hook point")
-    p.add_argument("--model", default="default", help="the model the SAEs were trained on (default: %(default)s)")
-    src = p.add_mutually_exclusive_group(required=True)
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--sae", nargs="+", required=True, metavar="DIR", help="SAE directories, one per hook point")
+    g.add_argument("--model", default="default", help="the model the SAEs were trained on (default: %(default)s)")
+    src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
                      help='one {"prompt", "answer"[, "wrong_answer"][, "corrupted"]} object per line')
     src.add_argument("--task", choices=sorted(TASKS), help="a built-in prompt set: " +
                      "; ".join(f"{k}: {v}" for k, v in TASKS.items()))
-    p.add_argument("--n-prompts", type=int, default=64, help="prompts of a built-in task (default: %(default)s)")
-    p.add_argument("--task-seed", type=int, default=0, help="seed of a built-in task's prompts (default: %(default)s)")
-    p.add_argument("--store", type=Path, help="activation store of the SAEs: the page shows each node's top examples")
-    p.add_argument("--out", type=Path, default=Path("runs") / "circuit", help="output directory (default: %(default)s)")
-    p.add_argument("--config", metavar="YAML", help="YAML file of the settings below (flags win)")
-    add_dataclass_args(p, CircuitConfig, title="circuit")
-    add_common_flags(p)
-    p.set_defaults(func=run)
+    g.add_argument("--n-prompts", type=int, default=64, help="prompts of a built-in task (default: %(default)s)")
+    g.add_argument("--task-seed", type=int, default=0, help="seed of a built-in task's prompts (default: %(default)s)")
+    g.add_argument("--store", type=Path, help="activation store of the SAEs: the page shows each node's top examples")
+    g.add_argument("--out", type=Path, default=Path("runs") / "circuit", help="output directory (default: %(default)s)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from saelab.circuits.find import CircuitConfig, find_circuit
-    from saelab.circuits.html import node_examples, write_page
-    from saelab.circuits.plots import save_curve, save_graph, save_validation
-    from saelab.circuits.prompts import read_prompts, write_prompts
-    from saelab.circuits.tasks import build_task
-    from saelab.config import build_config, load_yaml
-    from saelab.models import load_model
-    from saelab.saes import load_sae
-
-    cfg = build_config(CircuitConfig, args, load_yaml(args.config) if args.config else None,
-                       source=args.config or "flags")
+def run(cfg: CircuitConfig, args: argparse.Namespace) -> int:
     saes = [load_sae(d) for d in args.sae]
     for d, sae in zip(args.sae, saes):
         sae.metadata.setdefault("path", str(d))

@@ -203,6 +203,7 @@ def run(cfg: Config, out, dry_run: bool = False, quiet: bool = False) -> dict:
             "top_nodes": c.circuit_nodes()[:15], "timings": c.timings, "seconds": round(time.perf_counter() - t, 1)}
         circuits.append(c)
         names.append(name)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")  # after every task
     save_curve(out / "faithfulness.png", circuits, names, title="faithfulness of the circuits (mean ablation)")
     results["seconds_total"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

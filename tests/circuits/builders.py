@@ -13,7 +13,7 @@ from saelab.circuits.prompts import Prompt
 from saelab.circuits.sites import Site
 from saelab.models import capture
 from saelab.saes import ReLUConfig, make_sae
-from tests.helpers import tiny_llama
+from tests.builders import tiny_llama
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "house"]
 

@@ -16,7 +16,7 @@ import pytest
 
 from saelab.circuits.circuit import Circuit
 from saelab.circuits.html import node_examples, render_page, write_page
-from tests.interpret.builders import HOSTILE, VOCAB, hostile_tokenizer, identity_sae, write_store
+from tests.builders import HOSTILE, HOSTILE_VOCAB as VOCAB, hostile_tokenizer, relu_identity_sae, write_store
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -114,7 +114,7 @@ def store_and_sae(tmp_path):
     store = write_store(tmp_path / "store", seqs, acts, tok_dir, num_shards=1, seqs_per_chunk=3)
     from saelab.saes import load_sae
 
-    return store, load_sae(identity_sae(tmp_path / "sae", 4)), tok, seqs, acts
+    return store, load_sae(relu_identity_sae(tmp_path / "sae", 4)), tok, seqs, acts
 
 
 def test_page_data_is_escaped(store_and_sae):

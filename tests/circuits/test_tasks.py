@@ -6,7 +6,7 @@ import pytest
 from saelab.circuits.prompts import tokenize
 from saelab.circuits.tasks import agreement, arithmetic, build_task, champ_steps
 from saelab.errors import UsageError
-from tests.helpers import tiny_tokenizer
+from tests.builders import tiny_tokenizer
 
 
 def test_arithmetic_answers_are_sums_and_lengths_match():
