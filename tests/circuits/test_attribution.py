@@ -18,12 +18,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LINEAR_HOOKS = ["model.layers.1.mlp.down_proj:input", "model.layers.1"]
 
 
-def _all_nodes(attr, sites, j):
+def _all_nodes(attr, sites, j, limit=40):
+    """Every error node of site j and (up to `limit`, spread over positions) latents with a score."""
     lat_BSF, err_BS = site_scores(attr, sites, j)
     S = err_BS.shape[1]
     nodes = [NodeKey(j, t, ERROR) for t in range(1, S)]
     active = (lat_BSF != 0).any(0).nonzero().tolist()
-    return nodes + [NodeKey(j, t, i) for t, i in active]
+    return nodes + [NodeKey(j, t, i) for t, i in active[::max(1, len(active) // limit)]]
 
 
 @pytest.mark.parametrize("baseline", ["mean", "zero", "corrupted"])
