@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from saelab.circuits import Circuit
 from saelab.circuits.prompts import tokenize, write_prompts
