@@ -15,8 +15,8 @@ circuit.json (format_version 1):
     prompts      {n, examples}, config, model, timings (seconds per stage), saelab_version
 
 Scores are mean over prompts of the linear estimate of m(patched) - m(clean) (attribution.py);
-`activation` is the node's mean clean value (for an error node, the mean norm of e) and `delta` its
-mean patch minus clean value (mean norm of the error's delta).
+`activation` is the node's mean clean value (for an error node, the mean norm of e) and `delta` the
+mean size of its patch: |patched - clean| (for an error node, the norm of its delta).
 """
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def _node_record(attr, sites, n: NodeKey, score: float, rank: int, in_circuit: b
         act = st.e_BSD[:, pos].norm(dim=-1)
         delta = st.delta_e_BSD[:, pos].norm(dim=-1)
     else:
-        act, delta = st.f_BSF[:, pos, n.index], st.delta_f_BSF[:, pos, n.index]
+        act, delta = st.f_BSF[:, pos, n.index], st.delta_f_BSF[:, pos, n.index].abs()
     if n.position == ALL:
         act, delta = act.sum(1), delta.sum(1)
     return {"id": n.id(), "site": n.site, "position": None if n.position == ALL else n.position,
