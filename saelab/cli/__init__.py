@@ -21,7 +21,7 @@ from saelab.errors import UsageError
 
 # One module per pipeline stage; each defines register(subparsers).
 _COMMAND_MODULES = ["collect", "store", "models", "train", "evaluate", "interpret", "export", "experiment", "intervene",
-                    "finetune", "demo", "importing", "autointerp"]
+                    "finetune", "demo", "importing", "autointerp", "circuit"]
 
 # Legacy and recipe flag spellings -> saelab's own flag. One table for the whole CLI (STYLE.md).
 # The Kimi-K2 SAE recipe's names work unchanged as aliases.

@@ -21,4 +21,5 @@ EXPERIMENTS: dict[str, str] = {
     "rkcnn-vs-baseline": "saelab.experiments.rkcnn_compare",
     "rkcnn-layers": "saelab.experiments.rkcnn_layers",
     "rkcnn-arms": "saelab.experiments.rkcnn_arms",
+    "circuits": "saelab.experiments.circuits",
 }
