@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from saelab.collect import CollectConfig
 from saelab.models.lora import LORA_TYPES
 from saelab.saes import REGISTRY
 from saelab.store import ShardWriter
@@ -200,6 +201,14 @@ def make_adapter(base: Path, out: Path, targets=tuple(LORA_TYPES), rank: int = 2
                     p.zero_()
     pm.save_pretrained(out)
     return out
+
+
+def tiny_collect_cfg(model_dir, corpus, out, **kw):
+    """A CollectConfig for a tiny model directory: layer 1, 16-token windows, 60-row chunks."""
+    base = dict(out=str(out), model=str(model_dir), layer=[1], corpus=str(corpus), tokens=10_000,
+                chunk_tokens=60, max_length=16, batch_size=2)
+    base.update(kw)
+    return CollectConfig(**base)
 
 
 # ------------------------------------------------------------------ stores and SAEs

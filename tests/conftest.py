@@ -1,4 +1,5 @@
 """Shared fixtures: a fixed seed for every test, and a private SAELAB_HOME unless one is set."""
+import logging
 import os
 import random
 from pathlib import Path
@@ -29,6 +30,16 @@ def private_saelab_home(tmp_path_factory, monkeypatch, shared_model_cache):
     (home / "models").symlink_to(shared_model_cache, target_is_directory=True)
     monkeypatch.setenv("SAELAB_HOME", str(home))
     yield home
+
+
+@pytest.fixture(autouse=True)
+def no_stale_log_handler():
+    """`saelab.cli.main` points the root logger at this test's captured stderr; later tests must not
+    write there."""
+    yield
+    for h in list(logging.getLogger().handlers):
+        if isinstance(h, logging.StreamHandler) and not type(h).__module__.startswith("_pytest"):
+            logging.getLogger().removeHandler(h)
 
 
 @pytest.fixture(autouse=True)

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.collect import CollectConfig, collect, from_launcher, shard_target
+from saelab.collect import collect, from_launcher, shard_target
 from saelab.errors import UsageError
 from saelab.store import load_store
 from tests.builders import BOS_ID, PAD_ID, TINY_MODELS, make_text_corpus
+from tests.builders import tiny_collect_cfg as cfg_for
 
 
 def save_tiny(arch: str, path: Path, scale_embed: float = 1.0) -> Path:
@@ -39,13 +40,6 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     return make_text_corpus(tmp_path_factory.mktemp("corpus"), n_docs=12, seed=0)
-
-
-def cfg_for(model_dir, corpus, out, **kw) -> CollectConfig:
-    base = dict(out=str(out), model=str(model_dir), layer=[1], corpus=str(corpus), tokens=10_000,
-                chunk_tokens=60, max_length=16, batch_size=2)
-    base.update(kw)
-    return CollectConfig(**base)
 
 
 def store_digest(path: Path) -> dict[str, str]:

@@ -13,23 +13,13 @@ from pathlib import Path
 import pytest
 
 from saelab.cli import main
-from saelab.collect import CollectConfig, collect
+from saelab.collect import collect
 from saelab.errors import DataError, UsageError
 from saelab.store import ShardWriter, load_store
 from tests.builders import make_text_corpus, save_tiny_llama
+from tests.builders import tiny_collect_cfg as cfg_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _no_stale_log_handler():
-    """`main` points the root logger at this test's captured stderr; later tests must not write there."""
-    yield
-    import logging
-
-    for h in list(logging.getLogger().handlers):
-        if isinstance(h, logging.StreamHandler) and not type(h).__module__.startswith("_pytest"):
-            logging.getLogger().removeHandler(h)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +30,6 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     return make_text_corpus(tmp_path_factory.mktemp("corpus"), n_docs=12, seed=0)
-
-
-def cfg_for(model_dir, corpus, out, **kw) -> CollectConfig:
-    base = dict(out=str(out), model=str(model_dir), layer=[1], corpus=str(corpus), tokens=10_000,
-                chunk_tokens=60, max_length=16, batch_size=2)
-    base.update(kw)
-    return CollectConfig(**base)
 
 
 def digest(path: Path) -> dict[str, str]:

@@ -20,17 +20,6 @@ from tests.builders import HOOK, chunk_arrays, id_store, id_store_meta
 SHARD0 = "shard_00000"
 
 
-@pytest.fixture(autouse=True)
-def _no_stale_log_handler():
-    """`main` points the root logger at this test's captured stderr; later tests must not write there."""
-    yield
-    import logging
-
-    for h in list(logging.getLogger().handlers):
-        if isinstance(h, logging.StreamHandler) and not type(h).__module__.startswith("_pytest"):
-            logging.getLogger().removeHandler(h)
-
-
 def _synthetic(root: Path) -> Path:
     """2 shards x 4 chunks of 256 rows, every shard complete."""
     return make_synthetic_store(root, d_in=8, n_tokens=2048, chunk_tokens=256, num_shards=2, seed=3)

@@ -23,17 +23,6 @@ from saelab.train import checkpoint as ck
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _no_stale_log_handler():
-    """`main` points the root logger at this test's captured stderr; later tests must not write there."""
-    yield
-    import logging
-
-    for h in list(logging.getLogger().handlers):
-        if isinstance(h, logging.StreamHandler) and not type(h).__module__.startswith("_pytest"):
-            logging.getLogger().removeHandler(h)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """8 chunks x 256 tokens, d_in 8, planted features."""
