@@ -28,6 +28,24 @@ Difference of means (Welch):
 
 The Student-t tail uses the regularised incomplete beta function (continued fraction, Numerical
 Recipes 6.4), I_x(a, b), with P(|T_df| > |t|) = I_{df/(df+t^2)}(df/2, 1/2).
+
+Cluster bootstrap of a mean (rows grouped in clusters c = 1..C, e.g. the tokens or sequences of one
+problem or document): with cluster sums s_c and row counts n_c, draw C clusters with replacement,
+    mean_r = sum_{c in draw r} s_c / sum_{c in draw r} n_c,   CI = percentiles of mean_r
+(rows inside a cluster are not independent, so resampling rows understates the spread).
+
+Matched controls (a chosen feature set K against random sets matched feature by feature): every
+firing feature is a point u_f = (log10 frequency, log10 activation mass), each coordinate
+standardised over firing features (mass = mean activation per token). Each control set draws, for
+every chosen feature k, one unchosen feature uniformly from the `neighbours` nearest to u_k (an
+adaptive bin, finest where features are dense). With the effects e_1..e_n of n control sets and the
+chosen set's effect e:
+    percentile = 100 (#{e_i < e} + #{e_i = e} / 2) / n
+    p_greater  = (1 + #{e_i >= e}) / (n + 1)       (permutation p-value, one-sided)
+
+Partial correlation of x and y given covariates Z (K columns): residuals of x and y after least
+squares on [1, Z], then Pearson r of the residuals; t test with n - 2 - K degrees of freedom and a
+Fisher-z interval with se = 1 / sqrt(n - 3 - K). On ranks of x, y and Z: partial Spearman.
 """
 from __future__ import annotations
 
@@ -326,8 +344,189 @@ def diff_means_ci(a, b, level: float = 0.95) -> CI:
     return CI(d, d - half, d + half)
 
 
+# ------------------------------------------------------------------------------------ clustered data
+
+
+def _cluster_sums(x, clusters) -> tuple[np.ndarray, np.ndarray]:
+    x = _arr(x).ravel()
+    clusters = np.asarray(clusters).ravel()
+    if clusters.size != x.size:
+        raise ValueError(f"need one cluster label per value, got {clusters.size} labels for {x.size} values")
+    _, inv = np.unique(clusters, return_inverse=True)
+    return np.bincount(inv, weights=x), np.bincount(inv).astype(np.float64)
+
+
+def cluster_bootstrap_means(x, clusters, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """Row means of `n_boot` resamples that draw whole clusters with replacement (module docstring)."""
+    s_C, n_C = _cluster_sums(x, clusters)
+    C = s_C.size
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    rows = max(1, (1 << 22) // max(C, 1))
+    for start in range(0, n_boot, rows):
+        r = min(rows, n_boot - start)
+        idx = rng.integers(0, C, (r, C))
+        out[start:start + r] = s_C[idx].sum(1) / n_C[idx].sum(1)
+    return out
+
+
+def cluster_bootstrap_mean_ci(x, clusters, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> CI:
+    """Mean over rows with a percentile interval from resampling clusters (problems, documents), not rows.
+
+    Args:
+        x: one value per row (a sequence's loss change, a token's activation, ...).
+        clusters: the cluster of each row (any hashable labels, same length as x).
+    """
+    x = _arr(x).ravel()
+    if x.size == 0:
+        return CI(math.nan, math.nan, math.nan)
+    a = 1.0 - level
+    lo, hi = np.quantile(cluster_bootstrap_means(x, clusters, n_boot, seed), [a / 2, 1 - a / 2])
+    return CI(float(x.mean()), float(lo), float(hi))
+
+
+def cluster_bootstrap_diff_ci(a, clusters_a, b, clusters_b, level: float = 0.95, n_boot: int = 2000,
+                              seed: int = 0) -> CI:
+    """mean(a) - mean(b) for two independent samples, each resampled by its own clusters."""
+    a, b = _arr(a).ravel(), _arr(b).ravel()
+    if a.size == 0 or b.size == 0:
+        return CI(math.nan, math.nan, math.nan)
+    d = cluster_bootstrap_means(a, clusters_a, n_boot, seed) - cluster_bootstrap_means(b, clusters_b, n_boot, seed + 1)
+    al = 1.0 - level
+    lo, hi = np.quantile(d, [al / 2, 1 - al / 2])
+    return CI(float(a.mean() - b.mean()), float(lo), float(hi))
+
+
+# ------------------------------------------------------------------------------------ matched controls
+
+
+def matching_distances(freq_F, mass_F=None) -> tuple[np.ndarray, np.ndarray]:
+    """([F, 2] standardised (log10 frequency, log10 mass) of each feature, alive mask); dead rows are NaN."""
+    freq_F = _arr(freq_F).ravel()
+    use_mass = mass_F is not None
+    mass_F = _arr(mass_F).ravel() if use_mass else np.ones_like(freq_F)
+    alive = (freq_F > 0) & (mass_F > 0)
+    pts = np.full((freq_F.size, 2), np.nan)
+    if alive.any():
+        for j, v in enumerate((freq_F, mass_F)):
+            lv = np.log10(v[alive])
+            sd = lv.std()
+            pts[alive, j] = (lv - lv.mean()) / (sd if sd > 0 else 1.0)
+        if not use_mass:
+            pts[alive, 1] = 0.0
+    return pts, alive
+
+
+def matched_feature_sets(freq_F, chosen, n_sets: int, mass_F=None, neighbours: int = 25, seed: int = 0) -> np.ndarray:
+    """[n_sets, len(chosen)] random feature sets matched to `chosen` feature by feature (module docstring).
+
+    Each chosen feature's candidates are its `neighbours` nearest unchosen firing features in
+    standardised (log10 frequency, log10 mass) (an adaptive bin: narrow where features are dense,
+    as narrow as the data allow at the extremes). Within one set features are distinct.
+    """
+    pts, alive = matching_distances(freq_F, mass_F)
+    chosen = [int(f) for f in chosen]
+    pool = alive.copy()
+    pool[chosen] = False
+    free_ids = np.nonzero(pool)[0]
+    if free_ids.size < len(chosen) + neighbours:
+        raise ValueError(f"only {free_ids.size} unchosen firing features to match {len(chosen)} chosen ones "
+                         f"with {neighbours} neighbours each")
+    cand = []
+    for f in chosen:
+        c = pts[f] if alive[f] else np.nanmin(pts, axis=0)  # a dead chosen feature matches the rarest
+        d = np.sqrt(((pts[free_ids] - c) ** 2).sum(1))
+        cand.append(free_ids[np.argsort(d, kind="stable")[: neighbours + len(chosen)]])
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_sets, len(chosen)), dtype=np.int64)
+    for s in range(n_sets):
+        used: list[int] = []
+        for j, cs in enumerate(cand):
+            free = cs[~np.isin(cs, used)][:neighbours]  # nearest `neighbours` not yet in this set
+            pick = int(rng.choice(free))
+            used.append(pick)
+            out[s, j] = pick
+    return out
+
+
+def match_quality(freq_F, chosen, sets, mass_F=None) -> dict:
+    """Mean log10 frequency (and mass) of the chosen set and of the control sets, for the report."""
+    out = {}
+    for name, v in (("log10_freq", freq_F), ("log10_mass", mass_F)):
+        if v is None:
+            continue
+        lv = np.log10(np.maximum(_arr(v).ravel(), 1e-30))
+        sets_lv = lv[np.asarray(sets)].mean(1)
+        out[name] = {"chosen": float(lv[list(chosen)].mean()), "controls_mean": float(sets_lv.mean()),
+                     "controls_std": float(sets_lv.std())}
+    return out
+
+
+class ControlRank(NamedTuple):
+    """Where a chosen set's effect falls in the distribution of its matched controls' effects."""
+
+    effect: float
+    percentile: float
+    """100 (#{controls below} + #{ties}/2) / n."""
+    p_greater: float
+    """(1 + #{controls >= effect}) / (n + 1): one-sided permutation p-value for 'larger than controls'."""
+    p_less: float
+    """(1 + #{controls <= effect}) / (n + 1)."""
+    n: int
+    control_median: float
+    control_low: float
+    """2.5th percentile of the control effects."""
+    control_high: float
+    """97.5th percentile."""
+
+
+def control_percentile(effect: float, controls) -> ControlRank:
+    """Rank of `effect` among control effects (module docstring); NaN controls are dropped."""
+    c = _arr(controls).ravel()
+    c = c[np.isfinite(c)]
+    n = c.size
+    if n == 0:
+        return ControlRank(float(effect), math.nan, math.nan, math.nan, 0, math.nan, math.nan, math.nan)
+    below, ties = float((c < effect).sum()), float((c == effect).sum())
+    lo, med, hi = np.quantile(c, [0.025, 0.5, 0.975])
+    return ControlRank(float(effect), 100.0 * (below + ties / 2) / n, (1 + n - below) / (n + 1),
+                       (1 + below + ties) / (n + 1), n, float(med), float(lo), float(hi))
+
+
+def partial_correlation(x, y, covariates, level: float = 0.95, rank: bool = False) -> Correlation:
+    """Correlation of x and y after regressing both on `covariates` ([N, K], with an intercept).
+
+    Fisher-z interval with se = 1 / sqrt(n - 3 - K); `rank=True` works on ranks (partial Spearman).
+    """
+    x, y = _arr(x).ravel(), _arr(y).ravel()
+    Z = _arr(covariates).reshape(x.size, -1)
+    if rank:
+        x, y = rankdata(x), rankdata(y)
+        Z = np.column_stack([rankdata(z) for z in Z.T]) if Z.size else Z
+    K = Z.shape[1]
+    n = x.size
+    if n - K < 4:
+        return Correlation(math.nan, math.nan, math.nan, math.nan, n)
+    A = np.column_stack([np.ones(n), Z])
+    rx = x - A @ np.linalg.lstsq(A, x, rcond=None)[0]
+    ry = y - A @ np.linalg.lstsq(A, y, rcond=None)[0]
+    denom = math.sqrt(float((rx * rx).sum()) * float((ry * ry).sum()))
+    if denom == 0.0:
+        return Correlation(math.nan, math.nan, math.nan, math.nan, n)
+    r = float(np.clip((rx * ry).sum() / denom, -1.0, 1.0))
+    df = n - 2 - K
+    p = 0.0 if abs(r) == 1.0 else t_two_sided_p(r * math.sqrt(df / (1.0 - r * r)), df)
+    if n - 3 - K <= 0:
+        return Correlation(r, p, math.nan, math.nan, n)
+    z, se = math.atanh(min(max(r, -1 + 1e-15), 1 - 1e-15)), 1.0 / math.sqrt(n - 3 - K)
+    zc = _z_crit(level)
+    return Correlation(r, p, math.tanh(z - zc * se), math.tanh(z + zc * se), n)
+
+
 __all__ = [
     "ZTest", "two_proportion_ztest", "BH", "benjamini_hochberg", "CI", "bootstrap_means",
     "bootstrap_means_reference", "bootstrap_mean_ci", "betainc", "t_two_sided_p", "t_quantile",
     "Correlation", "rankdata", "pearson_ci", "spearman_ci", "MeanStd", "mean_std", "diff_means_ci",
+    "cluster_bootstrap_means", "cluster_bootstrap_mean_ci", "cluster_bootstrap_diff_ci", "matching_distances",
+    "matched_feature_sets", "match_quality", "ControlRank", "control_percentile", "partial_correlation",
 ]
