@@ -2,7 +2,7 @@
 
 Everything is built in-process (no download): a BPE tokenizer trained on the generated text, a
 2-layer LlamaForCausalLM of width 64 from its config class, a TopK SAE on `model.layers.0` whose
-metadata names that model, and three small corpora standing in for champ-cot, sotu and champ.
+metadata names that model, a champ-like v0.json (ids, categories, steps, answers, model replies) and a prose folder.
 """
 from __future__ import annotations
 
@@ -58,9 +58,17 @@ def dry_run_setup(cfg, root: Path):
         d.mkdir(exist_ok=True)
         for i, text in enumerate(docs):
             (d / f"doc_{i:03d}.txt").write_text(text + "\n")
-    cats = ["Number-Theory", "Polynomial", "Sequence"]
-    problems = [{"_text": f"Find {i} + {i * 3}.", "category": cats[i % 3],
-                 "solution": {"steps": [{"_text": _reasoning_doc(rng)} for _ in range(1 + i % 5)]}} for i in range(12)]
+    cats = ["Number-Theory", "Polynomial", "Combinatorics"]
+    problems = {}
+    for i in range(24):
+        steps = [_reasoning_doc(rng) if (i + j) % 2 else "Count the ways in words and argue why each case is distinct."
+                 for j in range(1 + i % 5)]
+        replies = [_reasoning_doc(rng) for _ in range(4)]
+        problems[f"P_{cats[i % 3]}_{i}"] = {
+            "identifier": f"P_{cats[i % 3]}_{i}", "_text": f"Find {i} + {i * 3}.", "category": cats[i % 3],
+            "_answer": str(4 * i), "solution": {"steps": [{"_text": t} for t in steps]},
+            "conversations": {"c0": {"messages": [{"role": "User", "text": "Solve it."}] +
+                                     [{"role": "Model.tiny", "text": t} for t in replies]}}}
     (root / "v0.json").write_text(json.dumps({"problems": problems}))
     tok = _tokenizer(reasoning + prose + ["0123456789 +-*/=$()"])
     torch.manual_seed(0)
@@ -71,10 +79,14 @@ def dry_run_setup(cfg, root: Path):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     info = load_model(str(root / "model"), quiet=True).info
-    sae = make_sae(TopKConfig(d_in=64, d_sae=128, k=8))
-    sae.save(root / "sae", metadata={"hook": "model.layers.0", "model": info})
+    saes = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sae = make_sae(TopKConfig(d_in=64, d_sae=128, k=8))
+        sae.save(root / f"sae{seed}", metadata={"hook": "model.layers.0", "model": info})
+        saes.append(str(root / f"sae{seed}"))
     return dataclasses.replace(
-        cfg, sae=str(root / "sae"), model=str(root / "model"), reasoning_corpus=str(root / "reasoning"),
-        prose_corpus=str(root / "prose"), problems_json=str(root / "v0.json"), tokens=600, eval_tokens=300,
-        problems=12, max_length=48, batch_size=4, top=5, ablate_top=4, control_seeds=2, freq_bins=4,
-        n_boot=100, min_freq=0.0)
+        cfg, sae=",".join(saes), model=str(root / "model"), prose_corpus=str(root / "prose"),
+        problems_json=str(root / "v0.json"), select_units=40, test_units=30, problems=12, max_length=48,
+        problem_max_length=128, batch_size=4, top=5, n_controls=30, neighbours=8, answer_problems=4,
+        answer_controls=3, n_boot=100, min_freq=0.0)

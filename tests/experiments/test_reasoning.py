@@ -1,18 +1,14 @@
-"""saelab.experiments.reasoning: token classes, enrichment, the frequency-matched control, the dry run."""
+"""saelab.experiments.reasoning: splits, notation share, planted claims, batched ablation, the dry run."""
 import json
 
 import numpy as np
 import pytest
+import torch
 
-from saelab.experiments.reasoning import (
-    CALC, EXPL, OTHER, Config, classify_tokens, enrichment, frequency_bins, matched_control, run, top_enriched,
-)
-
-
-def test_classify_tokens_known_answer():
-    texts = ["So", " we", " get", " $", "x", " +", " 2", "$", " and", " 3", " ", ",", "\\(", "y", "\\)", " thus"]
-    want = [EXPL, EXPL, EXPL, CALC, CALC, CALC, CALC, CALC, EXPL, CALC, OTHER, OTHER, CALC, CALC, CALC, EXPL]
-    assert classify_tokens(texts).tolist() == want
+from saelab.experiments import reasoning_analysis as A
+from saelab.experiments import reasoning_passes as P
+from saelab.experiments.reasoning import Config, run
+from saelab.experiments.reasoning_data import load_champ, split_documents, split_problems, write_mixed_corpus
 
 
 def test_enrichment_recovers_planted_features():
@@ -21,28 +17,96 @@ def test_enrichment_recovers_planted_features():
     base = rng.uniform(0.001, 0.05, size=200)
     k_a, k_b = rng.binomial(n_a, base), rng.binomial(n_b, base)
     k_a[[7, 42, 99]] = rng.binomial(n_a, base[[7, 42, 99]] * 6)  # planted: 6x more often in corpus a
-    e = enrichment(k_a, n_a, k_b, n_b)
-    assert set(top_enriched(e, 3, alpha=0.05)) == {7, 42, 99}
-    assert set(top_enriched(e, 50, alpha=0.05)) == {7, 42, 99}  # nothing else survives BH
+    e = A.enrichment(k_a, n_a, k_b, n_b)
+    assert set(A.top_enriched(e, 3, alpha=0.05)) == {7, 42, 99}
+    assert set(A.top_enriched(e, 50, alpha=0.05)) == {7, 42, 99}  # nothing else survives BH
     assert np.all(e.q >= e.p)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_matched_control_really_matches_frequencies(seed):
-    rng = np.random.default_rng(10)
-    freq = 10 ** rng.uniform(-5, -0.5, size=2000)
-    freq[:50] = 0.0  # dead features must never be drawn
-    chosen = list(np.argsort(-freq)[:10]) + list(np.argsort(-freq)[900:910])  # high and middle frequencies
-    ctrl = matched_control(freq, chosen, n_bins=10, seed=seed)
-    bins = frequency_bins(freq, 10)
-    assert bins[ctrl].tolist() == bins[chosen].tolist()
-    assert len(set(ctrl.tolist())) == len(ctrl) and not set(ctrl.tolist()) & set(chosen)
-    assert np.all(freq[ctrl] > 0)
-    # matched within a bin: mean log10 frequency within 0.25 decades of the chosen set's
-    assert abs(np.log10(freq[ctrl]).mean() - np.log10(freq[chosen]).mean()) < 0.25
-    # and far from what an unmatched random draw gives
-    assert abs(np.log10(freq[freq > 0]).mean() - np.log10(freq[chosen]).mean()) > 0.5
-    assert not np.array_equal(ctrl, matched_control(freq, chosen, n_bins=10, seed=seed + 100))
+def test_math_share_known_answers():
+    assert A.math_share("We count the ways.") == 0.0
+    assert A.math_share("$x+1$") == 1.0
+    # "so" (2) + "$a=2$" (5 notation chars) + "ok" (2): 5 / 9
+    assert A.math_share("so $a=2$ ok") == pytest.approx(5 / 9)
+    assert A.math_share("3 + 4") == 1.0 and A.math_share("") == 0.0
+
+
+def test_split_problems_is_a_seeded_partition():
+    ids = [f"P_{i}" for i in range(41)]
+    sel, test = split_problems(ids, 0.5, seed=3)
+    assert set(sel) | set(test) == set(ids) and not set(sel) & set(test) and len(test) == 20
+    assert (sel, test) == split_problems(list(reversed(ids)), 0.5, seed=3)  # order of input does not matter
+    assert test != split_problems(ids, 0.5, seed=4)[1]
+    s, t = split_documents(["a", "b", "c", "d"], 0.5, 0)
+    assert sorted(s + t) == [0, 1, 2, 3]
+
+
+def _champ_json(path):
+    problems = {f"P_C_{i}": {"identifier": f"P_C_{i}", "_text": f"Q{i}", "category": "Combinatorics" if i % 2 else "Polynomial",
+                             "_answer": str(i), "solution": {"steps": [{"_text": "s1"}, {"_text": "s2"}]},
+                             "conversations": {"a": {"messages": [{"role": "User", "text": "x"},
+                                                                  {"role": "Model.A", "text": f"reply {i}"},
+                                                                  {"role": "Model.B", "text": f"reply {i}"}]}}}
+                for i in range(4)}
+    path.write_text(json.dumps({"problems": problems}))
+    return path
+
+
+def test_load_champ_keeps_problem_of_each_reply_and_mixes(tmp_path):
+    probs = load_champ(_champ_json(tmp_path / "v0.json"))
+    assert [p.identifier for p in probs] == ["P_C_0", "P_C_1", "P_C_2", "P_C_3"]
+    assert probs[1].replies == ["reply 1"] and probs[1].steps == ["s1", "s2"] and probs[1].answer == "1"
+    counts = write_mixed_corpus(["r" * 10] * 20, ["p" * 10] * 20, tmp_path / "mix.jsonl", chars=100, share=0.3)
+    assert counts["reasoning_chars"] == 30 and counts["prose_chars"] == 70
+    lines = (tmp_path / "mix.jsonl").read_text().splitlines()
+    assert len(lines) == counts["reasoning_docs"] + counts["prose_docs"]
+
+
+def _planted_sums(rng, F=400, planted=(3, 5, 8)):
+    """Units: 40 replies, 40 prose windows, 10 problems x (statement + 4 steps). Planted features fire
+    3x as strongly on replies as on prose and on calculation steps as on explanation steps; the two
+    problem categories are alike (no planted difference)."""
+    kinds = ["reply"] * 40 + ["prose"] * 40
+    for _ in range(10):
+        kinds += ["statement", "step", "step", "step", "step"]
+    U = len(kinds)
+    n = np.full(U, 100.0)
+    base = rng.uniform(0.2, 2.0, F)
+    share = np.zeros(U)
+    share[80:] = np.tile([0.0, 0.1, 0.4, 0.7, 0.9], 10)  # one calculation-heavy step per problem
+    sums = rng.gamma(5.0, base[None] / 5.0, (U, F)) * n[:, None] / 10
+    for u, k in enumerate(kinds):
+        if k == "reply" or (k == "step" and share[u] > 0.66):
+            sums[u, list(planted)] *= 3.0
+    fired = np.minimum(sums * 5, n[:, None])
+    meta = {"reply": list(range(40)), "prose": list(range(40, 80)), "reply_cluster": [i // 4 for i in range(40)],
+            "prose_cluster": [i // 8 for i in range(40)], "problems": [], "steps": []}
+    for i in range(10):
+        s = 80 + 5 * i
+        meta["problems"].append({"statement": s, "steps": [s + 1, s + 2, s + 3, s + 4], "category": ("Combinatorics", "Polynomial")[i % 2],
+                                 "n_steps": 4, "share": 0.5, "tokens": 400, "statement_share": 0.5,
+                                 "solution_share": 0.5, "truncated": False})
+        meta["steps"] += [(s + j, i, share[s + j]) for j in range(1, 5)]
+    return P.UnitSums(sums.astype(np.float32), fired.astype(np.float32), n), meta
+
+
+def test_claims_find_planted_contrasts_and_not_the_absent_one():
+    from saelab import statistics as S
+
+    rng = np.random.default_rng(0)
+    sums, meta = _planted_sums(rng)
+    chosen = [3, 5, 8]
+    freq, mass = sums.fired_UF.sum(0) / sums.n_U.sum(), sums.sum_UF.sum(0) / sums.n_U.sum()
+    ctrl = S.matched_feature_sets(freq, chosen, 200, mass_F=mass, neighbours=15, seed=0)
+    out = A.claims(sums, meta, np.vstack([chosen, ctrl]), n_boot=500, seed=0)
+    rp = out["reasoning_vs_prose"]
+    assert rp["low"] > 0 and rp["control"]["percentile"] == 100.0 and rp["control"]["n"] == 200
+    assert "supported" == A.verdict(rp).split(" ")[0]
+    assert out["calc_vs_expl"]["low"] > 0 and out["calc_vs_expl"]["control"]["percentile"] > 97.5
+    assert out["statement_vs_solution"]["low"] > 0  # the solutions hold the calculation steps
+    ml = out["math_vs_logic"]  # nothing planted: the set sits inside its controls
+    assert 2.5 < ml["control"]["percentile"] < 97.5 and A.verdict(ml) != A.verdict(rp)
+    assert set(out) == {"reasoning_vs_prose", "statement_vs_solution", "calc_vs_expl", "math_vs_logic", "complexity"}
 
 
 @pytest.fixture(scope="module")
@@ -51,61 +115,52 @@ def dry(tmp_path_factory):
     return out, run(Config(), out, dry_run=True, quiet=True)
 
 
-def test_dry_run_writes_report_and_matched_controls(dry):
+def test_batched_ablation_rows_equal_single_runs(dry):
+    """Rows of one batch carry different ablation sets: each row must equal the same set run alone,
+    and the empty set must equal the clean model."""
+    from saelab.models import load_model
+    from saelab.saes import load_sae
+
     out, res = dry
-    for f in ("results.json", "report.md", "enrichment.png", "complexity.png", "categories.png", "ablation.png"):
+    lm = load_model(res["config"]["model"], quiet=True)
+    sae = load_sae(res["config"]["sae"].split(",")[0])
+    probs = load_champ(res["config"]["problems_json"])
+    (_, item), = P.answer_items(lm.tokenizer, probs[:1], 128)[:1]
+    sets = [[], [1, 2, 3], [7], list(range(20))]
+    together = P.answer_scores(lm.model, sae, "model.layers.0", item, sets, batch_size=4)
+    alone = np.concatenate([P.answer_scores(lm.model, sae, "model.layers.0", item, [s], 1) for s in sets])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    ids = torch.from_numpy(item.ids)[None]
+    with torch.inference_mode():
+        lp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].float(), -1)
+    clean = float(lp[torch.from_numpy(item.answer_pos - 1), ids[0, item.answer_pos]].sum())
+    assert together[0, 0] == pytest.approx(clean, abs=1e-4)
+    assert together[3, 0] != pytest.approx(clean, abs=1e-6)  # ablating 20 features changes something
+
+
+def test_dry_run_writes_report_with_controls_and_splits(dry):
+    out, res = dry
+    for f in ("results.json", "report.md", "claims.png"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "results.json").read_text())
-    assert saved["enrichment"]["n_reasoning_enriched"] > 0
-    ab = saved["ablation"]
-    assert len(ab["controls"]) == 2 and len(ab["features"]) == 4
-    for bins in ab["frequency_match"]["control_bins"]:
-        assert bins == ab["frequency_match"]["chosen_bins"]
-    d = ab["top"]["reasoning"]["delta_loss"]
-    assert d["low"] <= d["estimate"] <= d["high"]
-    assert set(saved["complexity"]["by_category"]) == {"Number-Theory", "Polynomial", "Sequence"}
-    assert saved["calc_vs_expl"]["n_calc"] > 0 and saved["calc_vs_expl"]["n_expl"] > 0
-    assert "## 4. Causal ablation" in (out / "report.md").read_text()
+    sp = saved["split"]
+    assert not set(sp["select_problems"]) & set(sp["test_problems"])
+    assert len(saved["saes"]) == 2
+    for s in saved["saes"]:
+        assert s["chosen"]
+        for name in ("reasoning_vs_prose", "statement_vs_solution", "calc_vs_expl", "math_vs_logic", "complexity"):
+            c = s["claims"][name]
+            assert c["control"]["n"] == 30 and c["verdict"]
+            assert c["low"] <= c["estimate"] <= c["high"] or name == "complexity"
+    assert "answer" in saved["saes"][0] and "answer" not in saved["saes"][1]
+    assert "| calculation vs explanation |" in (out / "report.md").read_text()
 
 
-def test_cli_missing_corpus_gives_fetch_message(dry, tmp_path, monkeypatch, capsys):
+def test_cli_needs_problems_json_and_sae(tmp_path, capsys):
     from saelab.cli import main
 
-    out, res = dry
-    monkeypatch.setenv("SAELAB_HOME", str(tmp_path / "home"))
-    rc = main(["experiment", "reasoning", "--sae", res["config"]["sae"], "--model", res["config"]["model"],
-               "--out", str(tmp_path / "o"), "--reasoning-corpus", "champ-cot", "-q"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "saelab corpora fetch champ-cot" in err and "Traceback" not in err
     rc = main(["experiment", "reasoning", "--out", str(tmp_path / "o"), "-q"])
     assert rc == 2 and "--sae" in capsys.readouterr().err
-
-
-def test_documents_are_read_in_a_seeded_random_order(tmp_path):
-    """Grouped corpora (champ-cot: ~90 replies per problem in a row) must be sampled across the whole
-    corpus: the experiment shuffles documents with its seed unless told not to."""
-    import random
-
-    from saelab.experiments.reasoning import _sequences
-    from tests.builders import BOS_ID, EOS_ID, PAD_ID, make_text_corpus, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    corpus = make_text_corpus(tmp_path / "c", n_docs=8, seed=5, words=(3, 6))
-    docs = [tok(p.read_text(), add_special_tokens=False)["input_ids"] for p in sorted(corpus.glob("*.txt"))]
-
-    def stream(seqs):  # the packed token stream, document by document
-        ids = [i for s in seqs for i in s.input_ids.tolist() if i != PAD_ID]
-        out, cur = [], []
-        for i in ids:
-            if i == EOS_ID:
-                out.append(cur)
-                cur = []
-            elif i != BOS_ID:
-                cur.append(i)
-        return out
-
-    assert stream(_sequences(str(corpus), tok, 16)) == docs
-    order = list(range(len(docs)))
-    random.Random(3).shuffle(order)
-    assert order != sorted(order)
-    assert stream(_sequences(str(corpus), tok, 16, shuffle_seed=3)) == [docs[i] for i in order]
+    rc = main(["experiment", "reasoning", "--sae", str(tmp_path), "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--problems-json" in err and "Traceback" not in err
