@@ -22,6 +22,7 @@ Leaves out: training the SAEs (`saelab collect` + `saelab train`; docs/reasoning
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 from saelab import statistics as S
 from saelab.config import group, grouped, to_dict
@@ -92,6 +95,9 @@ class Config:
     """Matched control sets ablated at the answer level."""
     n_boot: int = 1000
     """Bootstrap resamples for every CI."""
+    hidden_cache: str | None = None
+    """safetensors file for the hidden states of every unit: read when it matches this run's inputs
+    (same model, hooks, units), else written; lets several runs (SAEs trained later) share one pass."""
     seed: int = 0
     """Seed of the splits, the sampling of units, the controls and the bootstrap."""
 
@@ -217,6 +223,29 @@ def answer_claims(cfg: Config, lm, sae, hook: str, problems, test_ids, sets, qui
     return out
 
 
+def cached_hidden_states(cfg: Config, lm, hooks: list[str], items, quiet: bool):
+    """`reasoning_passes.hidden_states`, through --hidden-cache when given: read when the file was made
+    from the same model and token ids and holds every hook asked for, else computed and written."""
+    h = hashlib.sha256(str(lm.info.get("sha256") or lm.info.get("spec")).encode())
+    for it in items:
+        h.update(it.ids.tobytes())
+        h.update(it.unit.tobytes())
+    key = h.hexdigest()
+    path = Path(cfg.hidden_cache) if cfg.hidden_cache else None
+    if path is not None and path.is_file():
+        t = load_file(str(path))
+        if bytes(t["key"].tolist()).decode() == key and all(k in t for k in hooks):
+            log.info("hidden states read from %s", path)
+            return {k: t[k] for k in hooks}, t["unit"].numpy()
+        log.warning("%s was made for other inputs or hooks; recomputing and overwriting it", path)
+    x, unit_N = P.hidden_states(lm.model, hooks, items, cfg.batch_size, quiet)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({**x, "unit": torch.from_numpy(unit_N), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)},
+                  str(path))
+    return x, unit_N
+
+
 def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False) -> dict:
     """Steps 0-3 for every SAE; results.json, report.md and PNGs in `out`."""
     out = Path(out)
@@ -248,7 +277,7 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
     items, kind, cluster, probs, split = build_units(cfg, lm.tokenizer, problems, prose_docs, bos)
     log.info("reading %d items (%d units) at %s", len(items), len(kind), sorted(set(hooks)))
     t1 = time.time()
-    x, unit_N = P.hidden_states(lm.model, sorted(set(hooks)), items, cfg.batch_size, quiet)
+    x, unit_N = cached_hidden_states(cfg, lm, sorted(set(hooks)), items, quiet)
     timings = {"hidden_states_s": time.time() - t1, "tokens_read": int(sum(len(it.ids) for it in items))}
     per_sae = []
     for i, (p, s, h) in enumerate(zip(paths, saes, hooks)):
