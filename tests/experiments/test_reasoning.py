@@ -112,7 +112,7 @@ def test_claims_find_planted_contrasts_and_not_the_absent_one():
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
     out = tmp_path_factory.mktemp("reasoning")
-    return out, run(Config(), out, dry_run=True, quiet=True)
+    return out, run(Config(hidden_cache=str(out / "hidden.safetensors")), out, dry_run=True, quiet=True)
 
 
 def test_batched_ablation_rows_equal_single_runs(dry):
@@ -154,6 +154,11 @@ def test_dry_run_writes_report_with_controls_and_splits(dry):
             assert c["low"] <= c["estimate"] <= c["high"] or name == "complexity"
     assert "answer" in saved["saes"][0] and "answer" not in saved["saes"][1]
     assert "| calculation vs explanation |" in (out / "report.md").read_text()
+    from safetensors.torch import load_file
+
+    cache = load_file(str(out / "hidden.safetensors"))  # one row per token in a unit, for the one hook
+    assert cache["model.layers.0"].shape == (len(cache["unit"]), 64)
+    assert int(cache["unit"].max()) + 1 == sum(saved["units"].values())
 
 
 def test_cli_needs_problems_json_and_sae(tmp_path, capsys):
