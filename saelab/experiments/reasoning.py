@@ -116,13 +116,15 @@ def build_units(cfg: Config, tok, problems, prose_docs, bos_id):
     by_id = {p.identifier: p for p in problems}
     items, kind, cluster = [], [], []
 
-    def add(new_items, k, c):
+    def add(new_items, k, c):  # the item's units, renumbered u0, u0 + 1, ... in order of first token
         for it in new_items:
             u0 = len(kind)
-            items.append(P.Item(it.ids, np.where(it.unit >= 0, it.unit + u0, -1)))
-            n_u = int(it.unit.max()) + 1 if (it.unit >= 0).any() else 0
-            kind.extend([k] * n_u)
-            cluster.extend([c] * n_u)
+            present = np.unique(it.unit[it.unit >= 0])
+            glob = np.full(int(it.unit.max()) + 2 if it.unit.size else 1, -1)
+            glob[present] = u0 + np.arange(present.size)
+            items.append(P.Item(it.ids, np.where(it.unit >= 0, glob[it.unit], -1)))
+            kind.extend([k] * present.size)
+            cluster.extend([c] * present.size)
 
     for split, ids, docs in (("select", select, psel), ("test", test, ptest)):
         n = cfg.select_units if split == "select" else cfg.test_units
@@ -227,16 +229,17 @@ def cached_hidden_states(cfg: Config, lm, hooks: list[str], items, quiet: bool):
     """`reasoning_passes.hidden_states`, through --hidden-cache when given: read when the file was made
     from the same model and token ids and holds every hook asked for, else computed and written."""
     h = hashlib.sha256(str(lm.info.get("sha256") or lm.info.get("spec")).encode())
-    for it in items:
+    for it in items:  # the states depend on the token ids and which positions are kept, not on unit numbers
         h.update(it.ids.tobytes())
-        h.update(it.unit.tobytes())
+        h.update((it.unit >= 0).tobytes())
     key = h.hexdigest()
+    unit_N = np.concatenate([it.unit[it.unit >= 0] for it in items]) if items else np.zeros(0, np.int64)
     path = Path(cfg.hidden_cache) if cfg.hidden_cache else None
     if path is not None and path.is_file():
         t = load_file(str(path))
         if bytes(t["key"].tolist()).decode() == key and all(k in t for k in hooks):
             log.info("hidden states read from %s", path)
-            return {k: t[k] for k in hooks}, t["unit"].numpy()
+            return {k: t[k] for k in hooks}, unit_N
         log.warning("%s was made for other inputs or hooks; recomputing and overwriting it", path)
     x, unit_N = P.hidden_states(lm.model, hooks, items, cfg.batch_size, quiet)
     if path is not None:
