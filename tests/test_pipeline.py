@@ -58,4 +58,5 @@ def test_pipeline_on_the_embedded_model(tmp_path):
 
     saelab("export", "--format", "saelens", "run/sae_best", "saelens", cwd=tmp_path)
     cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
-    assert cfg["d_in"] == 576 and cfg["hook_name"] == "model.layers.6"
+    assert cfg["d_in"] == 576 and cfg["hook_name"] == "blocks.6.hook_resid_post"  # the TransformerLens name
+    assert cfg["metadata"]["saelab_hook"] == "model.layers.6"
