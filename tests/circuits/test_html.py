@@ -7,7 +7,6 @@ hostile strings appear as text, no script error was recorded (<html data-errors>
 ran (<html data-pwned>), no <img> came from a token; and the data blocks hold no raw `<`.
 """
 import re
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,20 +15,8 @@ import pytest
 
 from saelab.circuits.circuit import Circuit
 from saelab.circuits.html import node_examples, render_page, write_page
-from tests.builders import HOSTILE, HOSTILE_VOCAB as VOCAB, hostile_tokenizer, relu_identity_sae, write_store
-
-CHROMIUM = "/usr/bin/chromium"
-
-
-def chromium(tmp_path: Path, url: str, *extra: str) -> str:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000",
-           "--window-size=1280,900", *extra, url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
-
+from tests.builders import CHROMIUM, HOSTILE, chromium, hostile_tokenizer, relu_identity_sae, write_store
+from tests.builders import HOSTILE_VOCAB as VOCAB
 
 class Dom(HTMLParser):
     """Root and body attributes, <img> tags, position labels, and each example's tokens."""
