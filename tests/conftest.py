@@ -62,3 +62,19 @@ def one_thread():
 
 def pytest_configure(config):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """The tiny random Llama and its tokenizer saved as a local model directory (modules may override)."""
+    from tests.builders import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Twelve small text documents (modules may override)."""
+    from tests.builders import make_text_corpus
+
+    return make_text_corpus(tmp_path_factory.mktemp("corpus"), n_docs=12, seed=0)

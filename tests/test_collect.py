@@ -32,16 +32,6 @@ def save_tiny(arch: str, path: Path, scale_embed: float = 1.0) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny("llama", tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    return make_text_corpus(tmp_path_factory.mktemp("corpus"), n_docs=12, seed=0)
-
-
 def store_digest(path: Path) -> dict[str, str]:
     """sha256 of every chunk file, plus the manifests without their timestamps."""
     out = {}

@@ -16,20 +16,9 @@ from saelab.cli import main
 from saelab.collect import collect
 from saelab.errors import DataError, UsageError
 from saelab.store import ShardWriter, load_store
-from tests.builders import make_text_corpus, save_tiny_llama
 from tests.builders import tiny_collect_cfg as cfg_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    return make_text_corpus(tmp_path_factory.mktemp("corpus"), n_docs=12, seed=0)
 
 
 def digest(path: Path) -> dict[str, str]:
