@@ -77,8 +77,9 @@ class TrainConfig:
     None (unset) = auto: 32, or 50 on a LoRA store."""
     l1_coeff: float | None = None
     """Sparsity coefficient (relu: L1, jumprelu: L0); default: the architecture's own default."""
-    lr: float = 3e-4
-    """Adam learning rate (peak, after warmup)."""
+    lr: float | None = None
+    """Adam learning rate (peak, after warmup); None (unset) = auto: 1e-3 for topk and batchtopk,
+    3e-4 for relu and jumprelu (see AUTO_LR)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -193,6 +194,13 @@ AUTO_DEFAULTS: dict[str, Any] = {"architecture": "topk", "expansion_factor": [8]
 On a LoRA store (`lora_train_defaults` non-empty) those values are used instead."""
 
 
+AUTO_LR: dict[str, float] = {"topk": 1e-3, "batchtopk": 1e-3, "relu": 3e-4, "jumprelu": 3e-4}
+"""The learning rate an unset --lr becomes, by architecture. TopK's 1e-3 comes from a sweep on the
+embedded model (docs/data-fidelity.md, "Learning rate"): 3e-4 left short runs far from where they
+could be (per-token relative error 0.40 vs 0.33 at 60k tokens), 4e-3 killed 8% of the latents.
+ReLU and JumpReLU keep 3e-4: not swept."""
+
+
 MIN_AUTO_STEPS = 200
 """An unset batch size is halved (down to 256) until the run has at least this many steps."""
 
@@ -205,6 +213,7 @@ def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None,
         architecture = relu   when unset and --l1-coeff is given (the Kimi-K2 recipe's ReLU + L1 SAE)
         batch_size  : halved from the default (not below 256) while run_tokens / batch_size < MIN_AUTO_STEPS,
                       so a short run (60k tokens) takes ~200 steps, not 15
+        lr          = AUTO_LR[architecture]  when unset
 
     Args:
         cfg: a TrainConfig; fields already set are kept.
@@ -227,6 +236,8 @@ def resolve_auto(cfg: TrainConfig, lora_defaults: dict[str, Any] | None = None,
             log.info("batch size %d (not %d): %s training tokens give %d steps", b, changes["batch_size"],
                      f"{run_tokens:,}", run_tokens // b)
         changes["batch_size"] = b
+    if cfg.lr is None:
+        changes["lr"] = AUTO_LR[changes.get("architecture", cfg.architecture)]
     if not changes:
         return cfg
     if lora_defaults:

@@ -639,3 +639,15 @@ def test_auto_batch_size_gives_a_short_run_enough_steps():
     assert resolve_auto(TrainConfig(), run_tokens=60_000).batch_size == 256      # 234 steps, not 15
     assert resolve_auto(TrainConfig(), run_tokens=200_000).batch_size == 512     # 390 steps
     assert resolve_auto(TrainConfig(batch_size=4096), run_tokens=60_000).batch_size == 4096  # a set value stays
+
+
+def test_auto_learning_rate_follows_the_architecture_and_is_recorded(tmp_path, store):
+    from saelab.train import resolve_auto
+
+    assert resolve_auto(TrainConfig()).lr == 1e-3                                  # topk, the auto architecture
+    assert resolve_auto(TrainConfig(architecture="relu")).lr == 3e-4
+    assert resolve_auto(TrainConfig(l1_coeff=1e-3)).lr == 3e-4                     # the recipe's ReLU
+    assert resolve_auto(TrainConfig(architecture="topk", lr=5e-4)).lr == 5e-4      # a set value stays
+    train(TrainConfig(data=str(store), out=str(tmp_path / "r"), tokens=2048, batch_size=256,
+                      expansion_factor=[2], k=[4], device="cpu"), quiet=True)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 1e-3
