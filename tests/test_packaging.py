@@ -3,6 +3,7 @@
 The metadata is built the way pip builds it (setuptools' PEP 517 hook) from a copy of pyproject.toml,
 README.md and the package, so the check sees what `pip install saelab` would see.
 """
+import os
 import shutil
 import subprocess
 import sys
@@ -57,3 +58,15 @@ def test_local_set_up_pins_what_it_installs():
     assert "torch==2.13.0" in makefile and "-c constraints.txt -e '.[dev,interop]'" in makefile
     for name in ("sae-lens", "eai-sparsify", "dictionary-learning", "pytest", "scipy"):
         assert name in pins, f"{name} is installed by `make setup` but not pinned in constraints.txt"
+
+
+def test_saelab_torch_threads_is_honoured_by_every_subcommand_and_checked(tmp_path):
+    code = ("import sys, torch; from saelab.cli import main; "
+            "rc = main(['train', '--quick-test', '--out', sys.argv[1], '--quiet']); print(torch.get_num_threads(), rc)")
+    env = dict(os.environ, SAELAB_TORCH_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q")], env=env, capture_output=True, text=True)
+    assert out.stdout.split()[-2:] == ["1", "0"], out.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "saelab", "verify", str(tmp_path)], capture_output=True, text=True,
+                         env=dict(os.environ, SAELAB_TORCH_THREADS="two"))
+    assert bad.returncode == 2 and "SAELAB_TORCH_THREADS must be a positive integer" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -39,6 +39,8 @@ def test_pipeline_on_the_embedded_model(tmp_path):
     assert 0.0 <= res["fvu"] < 1.0 and res["l0"] == pytest.approx(16)
     assert res["ce_clean"] < res["ce_zero"]           # zero-ablating a residual stream hurts
     assert res["ce_recovered"] > 0.0                   # the SAE puts back part of what ablation removes
+    lead = next(line for line in (tmp_path / "eval" / "eval.md").read_text().splitlines() if line.startswith("- **"))
+    assert lead.index("per-token relative error") < lead.index("CE loss recovered") < lead.index("FVU")
 
     out = saelab("interpret", "stats", "run/sae_best", "--data", "store", "--out", "stats", cwd=tmp_path)
     assert "dead" in out and (tmp_path / "stats" / "feature_stats.csv").exists()

@@ -73,6 +73,18 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _set_threads(threads: str | None) -> None:
+    """Honour SAELAB_TORCH_THREADS (torch's intra-op threads) in every subcommand; unset = torch's own choice."""
+    if not threads:
+        return
+    if not threads.isdigit() or int(threads) < 1:
+        raise UsageError(f"SAELAB_TORCH_THREADS must be a positive integer, got {threads!r}; unset it to let "
+                         "torch choose")
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = rewrite_aliases(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args)
     try:
+        _set_threads(os.environ.get("SAELAB_TORCH_THREADS"))
         return int(args.func(args) or 0)
     except UsageError as e:
         print(f"saelab: error: {e}", file=sys.stderr)

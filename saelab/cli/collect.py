@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from saelab.cli.common import config_command
 from saelab.collect import CollectConfig, collect
@@ -20,11 +19,6 @@ def register(sub) -> None:
 
 
 def run(cfg: CollectConfig, args: argparse.Namespace) -> int:
-    threads = os.environ.get("SAELAB_TORCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
     res = collect(cfg, quiet=args.quiet)
     if not args.quiet:
         print(f"stored {res.tokens:,} tokens in {res.out} "
