@@ -53,6 +53,7 @@ from saelab.store.lock import preflight
 from saelab.store.writer import raise_tokens_target
 from saelab.store.check import verify_store
 from saelab.store.format import OUTLIER_RATIO, shard_target
+from saelab.store.remote import RemotePath, location
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class CollectConfig:
 @dataclass
 class CollectResult:
     """What a collect run did."""
-    out: Path
-    """The store directory."""
+    out: Path | RemotePath
+    """The store directory (or its object-storage location)."""
     tokens: int
     """Rows stored by this shard (all of them, resumed or not)."""
     chunks: int
@@ -206,7 +207,7 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
     if writer.tokens_done >= target:
         log.info("shard %d of %s is already complete (%s tokens)", cfg.shard, cfg.out, f"{writer.tokens_done:,}")
         writer.finish()
-        return CollectResult(Path(cfg.out), writer.tokens_done, writer.chunks_done, 0.0, 0.0, 0)
+        return CollectResult(location(cfg.out), writer.tokens_done, writer.chunks_done, 0.0, 0.0, 0)
     if writer.done:  # complete at a smaller --tokens: grow it on the same batch grid
         log.warning("shard %d of %s was complete at %s tokens; collecting on to the new --tokens %s", cfg.shard,
                     cfg.out, f"{writer.tokens_done:,}", f"{cfg.tokens:,}")
@@ -266,7 +267,7 @@ def collect(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
         writer.close()
         bar.close()
     elapsed = time.perf_counter() - t0
-    result = CollectResult(Path(cfg.out), tokens_done, writer.chunks_done, time.perf_counter() - t_start,
+    result = CollectResult(location(cfg.out), tokens_done, writer.chunks_done, time.perf_counter() - t_start,
                            new_tokens / elapsed if elapsed > 0 else 0.0, overflow_total)
     if cfg.verify:
         _verify_when_all_done(cfg)
@@ -337,14 +338,14 @@ def collect_parallel(cfg: CollectConfig, quiet: bool = False) -> CollectResult:
         _verify_or_raise(cfg.out)
     elapsed = time.perf_counter() - t0
     total = _tokens_on_disk(cfg.out)
-    return CollectResult(Path(cfg.out), total, 0, elapsed, total / elapsed if elapsed else 0.0, 0)
+    return CollectResult(location(cfg.out), total, 0, elapsed, total / elapsed if elapsed else 0.0, 0)
 
 
 def _tokens_on_disk(out) -> int:
     total = 0
-    for m in sorted(Path(out).glob("shard_*/manifest.json")):
+    for sdir in sorted(location(out).glob("shard_*")):
         try:
-            total += int(json.loads(m.read_text()).get("tokens_done", 0))
-        except (OSError, ValueError):
+            total += int(json.loads((sdir / "manifest.json").read_text()).get("tokens_done", 0))
+        except (OSError, ValueError, UsageError):
             pass
     return total

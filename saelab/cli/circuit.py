@@ -38,7 +38,8 @@ def register(sub) -> None:
                      "; ".join(f"{k}: {v}" for k, v in TASKS.items()))
     g.add_argument("--n-prompts", type=int, default=64, help="prompts of a built-in task (default: %(default)s)")
     g.add_argument("--task-seed", type=int, default=0, help="seed of a built-in task's prompts (default: %(default)s)")
-    g.add_argument("--store", type=Path, help="activation store of the SAEs: the page shows each node's top examples")
+    g.add_argument("--store", help="activation store of the SAEs (a directory or an s3:// ... URL): the page shows "
+                                   "each node's top examples")
     g.add_argument("--out", type=Path, default=Path("runs") / "circuit", help="output directory (default: %(default)s)")
 
 

@@ -163,7 +163,7 @@ def run(cfg: Config, out, dry_run: bool = False, quiet: bool = False) -> dict:
         cfg, champ_path = _dry_setup(out / "dry", cfg)
     t0 = time.perf_counter()
     if cfg.sae:
-        dirs, store = [Path(d) for d in cfg.sae], (Path(cfg.store) if cfg.store else None)
+        dirs, store = [Path(d) for d in cfg.sae], (cfg.store or None)
     else:
         dirs, store = _train_saes(cfg, out, quiet)
     t_saes = time.perf_counter() - t0

@@ -1,8 +1,9 @@
 """Shuffled, resumable training batches from an activation store, with bounded memory.
 
 Owns the order in which rows of one hook point are served; reading and checking files belongs
-to store.py (`ActivationStore.read_activations`). Not here: prefetching in a background thread,
-and equalising batch counts between ranks (ranks with fewer chunks finish first).
+to reader.py (`ActivationStore.read_activations`). On object storage the chunks are read `prefetch`
+ahead in a background thread (prefetch.py), in the order below, so the batches are the same. Not
+here: equalising batch counts between ranks (ranks with fewer chunks finish first).
 
 Order for epoch e with seed s, over this rank's chunks c_0 .. c_{n-1} (rank r of W takes every
 W-th chunk of the split, c = chunks[r::W]):
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from saelab.errors import UsageError
+from saelab.store.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class BatchIterator:
 
     def __init__(self, store, hook: str, batch_size: int, chunks: list, seed: int = 0, shuffle_chunks: int = 4,
                  epochs: int | None = 1, drop_last: bool = True, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, skip_flagged: bool = False):
+                 shuffle: bool = True, skip_flagged: bool = False, prefetch: int = 2):
         problems = []
         if batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {batch_size}")
@@ -55,6 +57,8 @@ class BatchIterator:
             problems.append(f"shuffle_chunks must be >= 1, got {shuffle_chunks}")
         if epochs is not None and epochs < 1:
             problems.append(f"epochs must be >= 1 or None (endless), got {epochs}")
+        if prefetch < 0:
+            problems.append(f"prefetch must be >= 0 chunks (0: read in the caller's thread), got {prefetch}")
         if not 0 <= rank < world_size:
             problems.append(f"rank must be in 0 .. world_size-1 = {world_size - 1}, got {rank}")
         if problems:
@@ -68,6 +72,8 @@ class BatchIterator:
                              f"--chunk-tokens, or fewer ranks.")
         self.seed, self.shuffle_chunks, self.epochs = seed, shuffle_chunks, epochs
         self.drop_last, self.shuffle, self.skip_flagged = drop_last, shuffle, skip_flagged
+        self.prefetch = prefetch if getattr(store, "remote", False) else 0
+        """Chunks read ahead in a background thread (object storage only; a local store is memory-mapped)."""
         self.skipped_per_epoch = sum(len(c.flagged_rows(hook)) for c in self.chunks) if skip_flagged else 0
         """Flagged rows left out per epoch."""
         self.rows_per_epoch = sum(c.num_tokens for c in self.chunks) - self.skipped_per_epoch
@@ -80,6 +86,7 @@ class BatchIterator:
         self._pos = {(c.shard, c.index): i for i, c in enumerate(self.chunks)}
         self._epoch, self._group, self._batch = 0, 0, 0
         self._carry_CR = np.zeros((0, 2), dtype=np.int64)  # (position in self.chunks, row)
+        self._carry_x: np.ndarray | None = np.zeros((0, self.width), np.float16)  # its rows; None: re-read them
 
     def __len__(self) -> int:
         if self.epochs is None:
@@ -94,17 +101,31 @@ class BatchIterator:
     def _row_perm(self, epoch: int, group: int, m: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, group, 1]).permutation(m) if self.shuffle else np.arange(m)
 
-    def _load(self, group_chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, i: int) -> np.ndarray:
+        return self.store.read_activations(self.chunks[i], self.hook)
+
+    def _upcoming(self) -> Iterator[int]:
+        """Chunk positions in the order `__iter__` reads them, from the current group on."""
+        epoch, group = self._epoch, self._group
+        while self.epochs is None or epoch < self.epochs:
+            order = self._chunk_order(epoch)
+            yield from (int(i) for i in order[group * self.shuffle_chunks:])
+            epoch, group = epoch + 1, 0
+
+    def _load(self, group_chunks: np.ndarray, read) -> tuple[np.ndarray, np.ndarray]:
         """The buffer (carry first, then whole chunks) and each buffer row's source start offset."""
         carry = self._carry_CR
         sizes = [len(carry)] + [self.chunks[i].num_tokens for i in group_chunks]
         starts = np.cumsum([0] + sizes)
         x_MD = np.empty((starts[-1], self.width), dtype=np.float16)
-        for pos in np.unique(carry[:, 0]):
-            sel = carry[:, 0] == pos
-            x_MD[:len(carry)][sel] = self.store.read_activations(self.chunks[pos], self.hook)[carry[sel, 1]]
+        if self._carry_x is not None:  # kept from the previous group of this run
+            x_MD[:len(carry)] = self._carry_x
+        else:  # after load_state_dict: read the carried rows back from their chunks
+            for pos in np.unique(carry[:, 0]):
+                sel = carry[:, 0] == pos
+                x_MD[:len(carry)][sel] = self._read(pos)[carry[sel, 1]]
         for j, i in enumerate(group_chunks):
-            x_MD[starts[j + 1]:starts[j + 2]] = self.store.read_activations(self.chunks[i], self.hook)
+            x_MD[starts[j + 1]:starts[j + 2]] = read(i)
         return x_MD, starts
 
     def _keep_M(self, group_chunks: np.ndarray, starts: np.ndarray, m: int) -> np.ndarray:
@@ -126,13 +147,21 @@ class BatchIterator:
         return out
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        pf = Prefetcher(self._read, self._upcoming(), self.prefetch) if self.prefetch else None
+        try:
+            yield from self._batches(pf.get if pf else self._read)
+        finally:
+            if pf is not None:
+                pf.close()
+
+    def _batches(self, read) -> Iterator[torch.Tensor]:
         B = self.batch_size
         while self.epochs is None or self._epoch < self.epochs:
             order = self._chunk_order(self._epoch)
             groups = [order[i:i + self.shuffle_chunks] for i in range(0, len(order), self.shuffle_chunks)]
             while self._group < len(groups):
                 gc = groups[self._group]
-                x_MD, starts = self._load(gc)
+                x_MD, starts = self._load(gc, read)
                 perm = self._row_perm(self._epoch, self._group, len(x_MD))
                 if self.skip_flagged:
                     perm = perm[self._keep_M(gc, starts, len(x_MD))[perm]]
@@ -147,6 +176,7 @@ class BatchIterator:
                     self._batch += 1
                     yield torch.from_numpy(x_MD[rest].astype(np.float32))
                 self._carry_CR = np.zeros((0, 2), np.int64) if last else self._identities(rest, gc, starts)
+                self._carry_x = x_MD[rest[:0] if last else rest]
                 self._group, self._batch = self._group + 1, 0
                 del x_MD
             self._epoch, self._group = self._epoch + 1, 0
@@ -176,6 +206,7 @@ class BatchIterator:
                              + "\n  Resume with the same store and settings, or start a new run.")
         self._epoch, self._group, self._batch = state["epoch"], state["group"], state["batch"]
         self._carry_CR = np.array([[self._pos[(s, i)], r] for s, i, r in state["carry"]], dtype=np.int64).reshape(-1, 2)
+        self._carry_x = None
 
 
 class RowBatch(NamedTuple):
@@ -191,13 +222,26 @@ class RowBatch(NamedTuple):
     """int64 position of the row in its packed window."""
 
 
-def rows_in_order(store, hook: str, batch_size: int, chunks=None, positions: bool = False) -> Iterator[RowBatch]:
+def rows_in_order(store, hook: str, batch_size: int, chunks=None, positions: bool = False,
+                  prefetch: int = 2) -> Iterator[RowBatch]:
     """RowBatch over `chunks` (default: every chunk) in global row order, `batch_size` rows at a time
     and never across a chunk boundary: the one in-order reader that evaluation and interpretation
     share (their sums do not depend on order; a fixed order makes `--tokens` reproducible).
-    `positions` also reads each chunk's seqpos (else position_B is empty)."""
-    for chunk in sorted(store.chunks if chunks is None else chunks, key=lambda c: c.offset):
-        a_ND = store.read_activations(chunk, hook)
+    `positions` also reads each chunk's seqpos (else position_B is empty). On object storage the
+    next `prefetch` chunks are read in a background thread."""
+    order = sorted(store.chunks if chunks is None else chunks, key=lambda c: c.offset)
+    read = lambda c: store.read_activations(c, hook)  # noqa: E731
+    pf = Prefetcher(read, order, prefetch) if prefetch and getattr(store, "remote", False) else None
+    try:
+        yield from _rows(store, hook, batch_size, order, positions, pf.get if pf else read)
+    finally:
+        if pf is not None:
+            pf.close()
+
+
+def _rows(store, hook: str, batch_size: int, order: list, positions: bool, read) -> Iterator[RowBatch]:
+    for chunk in order:
+        a_ND = read(chunk)
         flag_N = np.zeros(chunk.num_tokens, dtype=bool)
         flag_N[chunk.flagged_rows(hook)] = True
         pos_N = np.asarray(store.read_seqpos(chunk)[:, 1], dtype=np.int64) if positions else None

@@ -18,9 +18,13 @@ monitor, per shard, from manifest timestamps of the current writer session:
 
     rate = (tokens_done - session_tokens_start) / (t_last_chunk - session_started_at)
     eta  = (target - tokens_done) / rate,     target = tokens // S + [shard < tokens % S]
+
+Both work on a store on object storage (an fsspec URL): there each chunk file is fetched whole
+once, and "a live writer" means a shard lease that is not stale (lease.py) instead of a flock.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,10 +34,12 @@ import numpy as np
 
 from saelab.errors import UsageError
 from saelab.store.format import (
-    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, TOP_SHARE, check_format_version, concentration, read_json,
-    sha256_file, shard_dir_name, shard_target,
+    LOCK_FILE, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, TOP_SHARE, check_format_version, concentration,
+    npy_from_bytes, read_json, sha256_file, shard_dir_name, shard_target,
 )
+from saelab.store.lease import LEASE_FILE
 from saelab.store.lock import shard_is_locked
+from saelab.store.remote import RemotePath, is_tmp_name, location
 
 _BLOCK_ROWS = 1 << 16
 _SHARD_RE = re.compile(r"^shard_(\d{5})$")
@@ -97,8 +103,9 @@ class VerifyReport:
 
 
 def verify_store(path: str | Path, check_hash: bool = True) -> VerifyReport:
-    """Check every file of a store against its manifests; never raises for a damaged store."""
-    root = Path(path)
+    """Check every file of a store against its manifests; never raises for a damaged store (a bad URL,
+    a missing backend or unreadable bucket raises a UsageError)."""
+    root = location(path)
     rep = VerifyReport(root)
     if not (root / STORE_JSON).is_file():
         rep.problems.append(Problem(STORE_JSON, "missing: this is not an activation store"
@@ -162,9 +169,9 @@ def _verify_shard(root: Path, meta: dict, shard: int, rep: VerifyReport, check_h
             listed.add(entry["file"])
             _verify_file(sdir, shard, key, entry, meta, rep, check_hash)
     for p in sorted(sdir.iterdir()):
-        if p.name in listed or p.name in (MANIFEST_JSON, ".lock"):
+        if p.name in listed or p.name in (MANIFEST_JSON, LOCK_FILE, LEASE_FILE):
             continue
-        if live and (p.name.endswith(".tmp") or p.name.startswith("chunk_")):
+        if live and (is_tmp_name(p.name) or p.name.startswith("chunk_")):
             continue  # the live writer's chunk in progress
         rep.problems.append(Problem(f"{sdir.name}/{p.name}", "not listed in the shard manifest (left over from an "
                                     "interrupted write, which re-running collect removes, or put there by hand)"))
@@ -186,18 +193,23 @@ def _verify_file(sdir: Path, shard: int, key: str, entry: dict, meta: dict, rep:
     rel = f"{sdir.name}/{entry['file']}"
     path = sdir / entry["file"]
     bad = lambda msg: rep.problems.append(Problem(rel, msg))  # noqa: E731
-    if not path.is_file():
+    remote = isinstance(path, RemotePath)
+    try:  # a remote file is fetched once, whole: its size, hash and array come from those bytes
+        data = path.read_bytes() if remote else None
+    except FileNotFoundError:
+        data = None
+    if not (data is not None if remote else path.is_file()):
         return bad("missing (listed in the shard manifest)")
-    size = path.stat().st_size
+    size = len(data) if remote else path.stat().st_size
     if size != entry["bytes"]:
         return bad(f"{'truncated' if size < entry['bytes'] else 'padded'}: {size:,} bytes, manifest says {entry['bytes']:,}")
-    digest = sha256_file(path) if check_hash else entry["sha256"]
+    digest = entry["sha256"] if not check_hash else hashlib.sha256(data).hexdigest() if remote else sha256_file(path)
     if digest != entry["sha256"]:
         rep.files.append(FileCheck(rel, entry["shape"], entry["dtype"], digest, False))
         return bad("sha256 mismatch (the file changed after it was written)")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
+        arr = npy_from_bytes(data, path) if remote else np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, UsageError) as e:
         return bad(f"not a readable .npy file ({e})")
     if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
         return bad(f"holds {arr.dtype.name} {list(arr.shape)}, manifest says {entry['dtype']} {entry['shape']}")
@@ -287,8 +299,8 @@ class ShardStatus:
 
 
 def monitor_snapshot(path: str | Path) -> list[ShardStatus]:
-    """One status per shard of the store at `path`."""
-    root = Path(path)
+    """One status per shard of the store at `path` (a directory or an fsspec URL)."""
+    root = location(path)
     meta = read_json(root / STORE_JSON, "store manifest") if (root / STORE_JSON).is_file() else None
     if meta is None:
         raise UsageError(f"{root} has no {STORE_JSON}: no collection has started there (or it is not a store).")
@@ -335,9 +347,9 @@ def render_monitor(path: str | Path, statuses: list[ShardStatus]) -> str:
 def _manifest_norms(path: str | Path) -> dict[str, list[dict]]:
     """Hook name -> every listed chunk's row-norm entry, read from the shard manifests only."""
     out: dict[str, list[dict]] = {}
-    for m in sorted(Path(path).glob("shard_*/" + MANIFEST_JSON)):
+    for sdir in sorted(location(path).glob("shard_*")):
         try:
-            chunks = read_json(m, "shard manifest")["chunks"]
+            chunks = read_json(sdir / MANIFEST_JSON, "shard manifest")["chunks"]
         except (UsageError, KeyError):
             continue
         for c in chunks:

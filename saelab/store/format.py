@@ -18,6 +18,7 @@ NPY_HEADER_BYTES long, so the writer can fix the row count in place once a chunk
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from saelab.atomic import sha256_file  # noqa: F401 - part of the store's format helpers
 from saelab.errors import DataError, UsageError
+from saelab.store.remote import RemotePath, location, put_atomic
 
 FORMAT_VERSION = 1
 STORE_JSON = "store.json"
@@ -120,8 +122,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """tmp -> fsync -> rename, verifying the size written (a full disk may not raise errno)."""
+def write_bytes_atomic(path: Path | RemotePath, data: bytes) -> None:
+    """tmp -> fsync -> rename, verifying the size written (a full disk may not raise errno); on
+    object storage, a temporary key moved into place (`remote.put_atomic`)."""
+    if isinstance(path, RemotePath):
+        return put_atomic(path, data)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -141,10 +146,10 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def read_json(path: Path, what: str) -> dict:
-    """Read a JSON file of the store, with an error that names it."""
+def read_json(path: Path | RemotePath, what: str) -> dict:
+    """Read a JSON file of the store (local or remote), with an error that names it."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(location(path).read_text())
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -158,6 +163,27 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     assert len(d) < body_len, f"npy header too long for shape {shape}"
     body = d.ljust(body_len - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def npy_from_bytes(data: bytes, path) -> np.ndarray:
+    """A read-only array over the bytes of a whole .npy file (no copy; no pickle), as np.load reads it.
+
+    Raises:
+        DataError: not a plain version 1/2 .npy array (an object array, a damaged header).
+    """
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject or fortran:
+            raise ValueError("an object or Fortran-ordered array")
+        count = int(np.prod(shape, dtype=np.int64))
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
+    except ValueError as e:
+        raise DataError(f"{path} is not a plain .npy array ({e}); saelab never writes such a file. Run "
+                        f"`saelab verify` on its store and collect that shard again.") from None
+    return arr.reshape(shape)
 
 
 def get_nested(d: dict, dotted: str) -> Any:
@@ -202,7 +228,7 @@ class ChunkEntry:
 
 def check_identity(existing: dict, new: dict, root: Path | str) -> None:
     """Raise a UsageError naming every identity field where `new` differs from the store's."""
-    check_format_version(existing, Path(root) / STORE_JSON, "store manifest")
+    check_format_version(existing, location(root) / STORE_JSON, "store manifest")
     if new.get("packing") and not existing.get("packing"):
         raise UsageError(
             f"store {root} was written under the old packing rule: BOS only at document starts, so every "

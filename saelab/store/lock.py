@@ -4,6 +4,9 @@ One process writes a shard at a time: it holds `flock(STORE/shard_XXXXX/.lock)` 
 lock goes away with a crashed process) and writes `pid host` into that file, so a refused writer's
 message names the holder. `preflight(root, shard)` runs what needs no model (an --out under a
 regular file, a shard locked by another writer) so collect can fail before loading one.
+
+On object storage there is no flock: the same rule is kept by a lease object (lease.py), and
+`preflight` and `shard_is_locked` ask it instead.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from pathlib import Path
 
 from saelab.errors import UsageError
 from saelab.store.format import LOCK_FILE, os_error_to_usage, shard_dir_name
+from saelab.store.lease import held_error, is_stale, lease_is_live, read_lease
+from saelab.store.remote import RemotePath, location
 
 
 def lock_shard(shard_dir: Path, shard: int, root: Path) -> int:
@@ -47,9 +52,22 @@ def preflight(root: str | Path, shard: int) -> None:
     """Checks that need no model, so collect can fail before loading one.
 
     Raises:
-        UsageError: `root` (or a parent) is a regular file, or shard `shard` is locked by a live writer.
+        UsageError: `root` (or a parent) is a regular file, or shard `shard` is locked by a live writer
+            (on object storage: a bad URL, a missing backend or bucket, no credentials, a live lease).
     """
-    root = Path(root)
+    root = location(root)
+    if isinstance(root, RemotePath):
+        bucket = RemotePath(root.fs, root.protocol, root.key.split("/")[0])
+        if not bucket.exists():
+            raise UsageError(f"--out {root}: the bucket {bucket} does not exist (or these credentials cannot see "
+                             "it). Create it first, or fix the URL.")
+        if root.is_file():
+            raise UsageError(f"--out {root} is an object, not a prefix, so the store cannot be created there. "
+                             "Choose another --out.")
+        lease, _ = read_lease(root / shard_dir_name(shard))
+        if lease is not None and not is_stale(lease):
+            raise held_error(root / shard_dir_name(shard), shard, root, lease)
+        return
     for p in (root, *root.parents):
         if p.exists() or p.is_symlink():
             if not p.is_dir():
@@ -61,8 +79,10 @@ def preflight(root: str | Path, shard: int) -> None:
         raise _locked_error(lock, shard, root)
 
 
-def shard_is_locked(shard_dir: Path) -> bool:
+def shard_is_locked(shard_dir: Path | RemotePath) -> bool:
     """True when a live writer holds the shard (used by `saelab monitor`)."""
+    if isinstance(shard_dir, RemotePath):
+        return lease_is_live(shard_dir)
     try:
         fd = os.open(shard_dir / LOCK_FILE, os.O_RDONLY)
     except OSError:

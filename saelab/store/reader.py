@@ -18,12 +18,18 @@ Train/val split, per chunk c and seed s:
 
 (plus: at least one val and one train chunk when there are >= 2 chunks). A chunk's side never
 changes as a store grows, so a val set stays held out while collection continues.
+
+On object storage (`path` an fsspec URL, remote.py) a chunk file is read whole into memory and its
+size and sha256 are checked on every read (with `verify`), then viewed as an array without a copy;
+token and seqpos arrays of the last few chunks are kept in memory. Batch streams read the next
+chunks in a background thread (prefetch.py), so the rows and their order are those of the local store.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,13 +38,16 @@ import numpy as np
 
 from saelab.errors import DataError, UsageError, did_you_mean
 from saelab.store.format import (
-    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, check_format_version, read_json, sha256_file, shard_dir_name,
+    MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, check_format_version, npy_from_bytes, read_json, sha256_file,
+    shard_dir_name,
 )
+from saelab.store.remote import RemotePath, location, sha256_bytes
 
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "all"]
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of files hashed in this process
+_SMALL_CACHE = 64  # remote token/seqpos arrays kept per store (a few MB each at most)
 
 
 @dataclass(frozen=True)
@@ -68,11 +77,17 @@ class ChunkInfo:
 
 
 class ActivationStore:
-    """A store on disk (or a subset of its shards). Cheap to create: it reads only JSON."""
+    """A store on disk or on object storage (or a subset of its shards). Cheap to create: it reads only JSON."""
 
-    def __init__(self, path: Path, meta: dict, chunks: list[ChunkInfo], verify: bool = True):
-        self.path, self.meta, self.chunks, self.verify = Path(path), meta, chunks, verify
+    def __init__(self, path: Path | RemotePath | str, meta: dict, chunks: list[ChunkInfo], verify: bool = True):
+        self.path, self.meta, self.chunks, self.verify = location(path), meta, chunks, verify
         self._hooks = {h["name"]: h for h in meta["hooks"]}
+        self._small: OrderedDict = OrderedDict()
+
+    @property
+    def remote(self) -> bool:
+        """True for a store on object storage (reads are whole-file and checked; batch streams prefetch)."""
+        return isinstance(self.path, RemotePath)
 
     @property
     def hooks(self) -> list[str]:
@@ -119,6 +134,8 @@ class ActivationStore:
         c = self.chunks[chunk] if isinstance(chunk, int) else chunk
         entry = c.files[key]
         path = self.path / shard_dir_name(c.shard) / entry["file"]
+        if self.remote:
+            return self._read_remote(path, entry, small=key in (TOKENS, SEQPOS))
         check_file(path, entry, check_hash=self.verify)
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -129,6 +146,27 @@ class ActivationStore:
             raise DataError(f"{path} holds {arr.dtype.name} {list(arr.shape)}, its manifest says "
                              f"{entry['dtype']} {entry['shape']}: the chunk is corrupted. Run `saelab verify "
                              f"{self.path}` and collect that shard again.")
+        return arr
+
+    def _read_remote(self, path: RemotePath, entry: dict, small: bool) -> np.ndarray:
+        if small and str(path) in self._small:
+            self._small.move_to_end(str(path))
+            return self._small[str(path)]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{path} is missing but its shard manifest lists it. Run `saelab verify {self.path}`; "
+                            "collect that shard again.") from None
+        check_bytes(path, data, entry, self.path, check_hash=self.verify)
+        arr = npy_from_bytes(data, path)
+        if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
+            raise DataError(f"{path} holds {arr.dtype.name} {list(arr.shape)}, its manifest says "
+                            f"{entry['dtype']} {entry['shape']}: the chunk is corrupted. Run `saelab verify "
+                            f"{self.path}` and collect that shard again.")
+        if small:
+            self._small[str(path)] = arr
+            while len(self._small) > _SMALL_CACHE:
+                self._small.popitem(last=False)
         return arr
 
     def _hook(self, hook: str) -> dict:
@@ -173,14 +211,16 @@ class ActivationStore:
 
     def batches(self, hook: str, batch_size: int, split: Split = "train", seed: int = 0, shuffle_chunks: int = 4,
                 epochs: int | None = 1, drop_last: bool = True, shards: list[int] | None = None, rank: int = 0,
-                world_size: int = 1, val_fraction: float = 0.05, shuffle: bool = True, skip_flagged: bool = False):
-        """Shuffled float32 batches [B, D] of one hook; see `saelab.store.batches.BatchIterator`."""
+                world_size: int = 1, val_fraction: float = 0.05, shuffle: bool = True, skip_flagged: bool = False,
+                prefetch: int = 2):
+        """Shuffled float32 batches [B, D] of one hook; see `saelab.store.batches.BatchIterator`.
+        `prefetch`: chunks read ahead in a background thread on object storage (0: none)."""
         from saelab.store.batches import BatchIterator
 
         store = self.subset(shards)
         return BatchIterator(store, hook, batch_size, store.select(split, val_fraction, seed), seed=seed,
                              shuffle_chunks=shuffle_chunks, epochs=epochs, drop_last=drop_last, rank=rank,
-                             world_size=world_size, shuffle=shuffle, skip_flagged=skip_flagged)
+                             world_size=world_size, shuffle=shuffle, skip_flagged=skip_flagged, prefetch=prefetch)
 
 
 def unit_hash(text: str) -> float:
@@ -207,16 +247,29 @@ def check_file(path: Path, entry: dict, check_hash: bool = True) -> None:
     _VERIFIED.add(key)
 
 
-def load_store(path: str | Path, verify: bool = True) -> ActivationStore:
-    """Open a store directory for reading (JSON only; arrays are mapped on demand).
+def check_bytes(path: RemotePath, data: bytes, entry: dict, root, check_hash: bool = True) -> None:
+    """Refuse the bytes of a remote chunk file whose size or sha256 differs from its manifest entry."""
+    if len(data) != entry["bytes"]:
+        kind = "truncated" if len(data) < entry["bytes"] else "padded with extra bytes"
+        raise DataError(f"{path} is {kind}: {len(data):,} bytes, its manifest says {entry['bytes']:,}. "
+                        f"Run `saelab verify {root}`; collect that shard again.")
+    if check_hash and sha256_bytes(data) != entry["sha256"]:
+        raise DataError(f"{path} is corrupted: sha256 mismatch with its manifest. Run `saelab verify "
+                        f"{root}`; collect that shard again.")
+
+
+def load_store(path: str | Path | RemotePath, verify: bool = True) -> ActivationStore:
+    """Open a store for reading (JSON only; arrays are mapped, or fetched, on demand).
 
     Args:
-        path: the store directory (holds store.json).
-        verify: check each file's sha256 the first time it is read in this process.
+        path: the store directory (holds store.json), or an fsspec URL such as s3://bucket/store.
+        verify: check each file's sha256 the first time it is read in this process (on object
+            storage: every time, since every read fetches the whole file).
     Raises:
-        UsageError: not a store, or a manifest is unreadable or of an unknown format_version.
+        UsageError: not a store, or a manifest is unreadable or of an unknown format_version; a bad
+            URL or a missing fsspec backend (naming the extra to install).
     """
-    root = Path(path)
+    root = location(path)
     if not (root / STORE_JSON).is_file():
         what = "does not exist" if not root.exists() else f"has no {STORE_JSON}"
         raise UsageError(f"{root} {what}: it is not an activation store. Make one with "

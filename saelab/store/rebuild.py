@@ -19,7 +19,8 @@ and the progress each entry records, from the chunk's own rows (the batch grid o
     norms_h(c)        = outlier_flags(||x_n|| of the stored fp16 rows, medians of chunks 0..c-1, ratio)
                         (exactly what the writer recorded: the same rows flagged as massive activations)
 
-Any problem: nothing is written, and every problem is reported with its file.
+Any problem: nothing is written, and every problem is reported with its file. A store on object
+storage is refused with the steps to rebuild a copy on local disk (a rebuild reads every chunk).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from saelab.store.format import (
     json_bytes, outlier_flags, read_json, sha256_file, shard_dir_name, shard_target, write_bytes_atomic,
 )
 from saelab.errors import UsageError
+from saelab.store.remote import RemotePath, location
 
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.(.+)\.npy$")
 _BLOCK_ROWS = 1 << 16
@@ -62,7 +64,11 @@ def rebuild_manifests(path: str | Path) -> RebuildReport:
     Raises:
         UsageError: `path` is not a store (no readable store.json of a known format_version).
     """
-    root = Path(path)
+    root = location(path)
+    if isinstance(root, RemotePath):
+        raise UsageError(f"--rebuild-manifest works on a local store only; {root} is on object storage. Copy the "
+                         "shard directory to a local disk (for S3: `aws s3 sync`), rebuild its manifest there, "
+                         "check it with `saelab verify`, and copy manifest.json back.")
     meta = read_json(root / STORE_JSON, "store manifest")
     check_format_version(meta, root / STORE_JSON, "store manifest")
     rep = RebuildReport(root)

@@ -19,6 +19,13 @@ rebuilds a lost manifest). A full disk or a read-only directory becomes a UsageE
 (and that re-running resumes, when there is something to resume).
 
 Locking a shard and the checks collect makes before loading a model live in lock.py.
+
+On object storage (`root` an fsspec URL, see remote.py) the same steps hold with other means: a
+chunk's files are built in a local spool directory (one chunk, under TMPDIR), then each is
+published through a temporary key (`<name>.tmp-<uuid>`, moved into place) before the manifest that
+lists it; leftover temporary keys are deleted on open; store.json is created with a conditional
+put; and the shard is held by a lease object (lease.py) instead of flock, checked before every
+publish.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ import errno
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,16 +48,20 @@ from saelab.store.format import (
     check_format_version, check_identity, chunk_file_name, fsync_dir, hook_key, json_bytes, npy_header,
     os_error_to_usage, outlier_flags, read_json, sha256_file, shard_dir_name, write_bytes_atomic,
 )
+from saelab.store.lease import Lease
 from saelab.store.lock import lock_shard, preflight
+from saelab.store.remote import RemotePath, create_exclusive, is_tmp_name, location, upload_atomic
 
 log = logging.getLogger(__name__)
 
 
 class _ArrayFile:
-    """An .npy file written row by row to `<name>.tmp`, its header fixed up at the end."""
+    """An .npy file written row by row to `<name>.tmp`, its header fixed up at the end. For a remote
+    `path` the .tmp file is in the local `spool` directory and `commit` uploads it."""
 
-    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+    def __init__(self, path: Path | RemotePath, dtype: np.dtype, row_shape: tuple[int, ...], spool: Path | None = None):
+        self.path = path
+        self.tmp = spool / (path.name + ".tmp") if spool is not None else path.with_name(path.name + ".tmp")
         self.dtype, self.row_shape, self.rows = np.dtype(dtype), row_shape, 0
         try:
             self.f = open(self.tmp, "wb")
@@ -80,7 +93,11 @@ class _ArrayFile:
             if size != nbytes:  # numpy and some file systems report a full disk without an errno
                 raise OSError(errno.ENOSPC, f"wrote {size} of {nbytes} bytes")
             digest = sha256_file(self.tmp)
-            os.replace(self.tmp, self.path)
+            if isinstance(self.path, RemotePath):
+                upload_atomic(self.path, self.tmp)
+                self.tmp.unlink()
+            else:
+                os.replace(self.tmp, self.path)
         except OSError as e:
             self.abort()
             raise os_error_to_usage(e, self.tmp) from None
@@ -106,12 +123,13 @@ class ChunkBuilder:
     def __init__(self, writer: ShardWriter, index: int):
         self.writer, self.index = writer, index
         d, hooks = writer.shard_dir, writer.hooks
+        sp = writer.spool
         self.files = {
-            TOKENS: _ArrayFile(d / chunk_file_name(index, TOKENS), np.int32, ()),
-            SEQPOS: _ArrayFile(d / chunk_file_name(index, SEQPOS), np.int32, (2,)),
+            TOKENS: _ArrayFile(d / chunk_file_name(index, TOKENS), np.int32, (), sp),
+            SEQPOS: _ArrayFile(d / chunk_file_name(index, SEQPOS), np.int32, (2,), sp),
         }
         for h in hooks:
-            self.files[h["name"]] = _ArrayFile(d / chunk_file_name(index, h["key"]), np.float16, (h["width"],))
+            self.files[h["name"]] = _ArrayFile(d / chunk_file_name(index, h["key"]), np.float16, (h["width"],), sp)
         self.overflow = {h["name"]: 0 for h in hooks}
         self.nan = {h["name"]: 0 for h in hooks}
         self.norms: dict[str, list[np.ndarray]] = {h["name"]: [] for h in hooks}
@@ -159,6 +177,7 @@ class ChunkBuilder:
         """Close every file (tmp -> fsync -> rename), then record the chunk in the shard manifest."""
         files = {}
         try:
+            self.writer._check_lease()
             for name, af in self.files.items():
                 files[name] = af.commit()
         except UsageError:
@@ -217,15 +236,20 @@ class ShardWriter:
 
     Use `ShardWriter.open(root, run_meta, shard, num_shards)`, then `write_chunk(...)` (or
     `begin_chunk()` for batch-by-batch writing) and `finish()`. One process per shard: the shard is
-    locked (flock) while open; a crashed process's lock goes away with it.
+    locked (flock; on object storage a lease) while open; a crashed process's lock goes away with it
+    (a lease goes stale).
     """
 
-    def __init__(self, root: Path, meta: dict, shard: int, num_shards: int, manifest: dict, lock_fd: int):
+    def __init__(self, root: Path | RemotePath, meta: dict, shard: int, num_shards: int, manifest: dict,
+                 lock: int | Lease):
         self.root, self.meta, self.shard, self.num_shards = root, meta, shard, num_shards
         self.shard_dir = root / shard_dir_name(shard)
         self.hooks: list[dict] = meta["hooks"]
         self.manifest = manifest
-        self._lock_fd: int | None = lock_fd
+        self._lock: int | Lease | None = lock
+        self.remote = isinstance(root, RemotePath)
+        self.spool = Path(tempfile.mkdtemp(prefix=f"saelab-{shard_dir_name(shard)}-")) if self.remote else None
+        """Local directory where a remote chunk's files are built before upload (None for a local store)."""
 
     # -- resume point
     @property
@@ -263,7 +287,7 @@ class ShardWriter:
             UsageError: the store exists with different identity fields, the shard is being
                 written by another process, or the directory is not writable.
         """
-        root = Path(root)
+        root = location(root)
         if not 0 <= shard < num_shards:
             raise UsageError(f"shard {shard} is out of range for {num_shards} shards: use --shard 0 .. {num_shards - 1}.")
         meta = _complete_meta(run_meta, num_shards)
@@ -274,14 +298,14 @@ class ShardWriter:
         except OSError as e:
             raise os_error_to_usage(e, shard_dir, "cannot create the store: ", resumable=False) from None
         meta = _create_or_check_store_json(root, meta)
-        lock_fd = lock_shard(shard_dir, shard, root)
+        lock = Lease.acquire(shard_dir, shard, root) if isinstance(root, RemotePath) else lock_shard(shard_dir, shard, root)
         try:
             manifest = _load_or_new_manifest(shard_dir, shard, num_shards)
             _clean_shard_dir(shard_dir, manifest)
         except BaseException:
-            os.close(lock_fd)
+            os.close(lock) if isinstance(lock, int) else lock.release()
             raise
-        w = cls(root, meta, shard, num_shards, manifest, lock_fd)
+        w = cls(root, meta, shard, num_shards, manifest, lock)
         w.manifest["session_started_at"] = time.time()
         w.manifest["session_tokens_start"] = w.tokens_done
         w._save_manifest()
@@ -343,9 +367,13 @@ class ShardWriter:
 
     def close(self) -> None:
         """Release the shard lock without marking it done (the shard can be resumed later)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        lock, self._lock = getattr(self, "_lock", None), None
+        if isinstance(lock, int):
+            os.close(lock)
+        elif lock is not None:
+            lock.release()
+        if getattr(self, "spool", None) is not None:
+            shutil.rmtree(self.spool, ignore_errors=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -357,12 +385,19 @@ class ShardWriter:
         self.close()
 
     def _check_open(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             raise RuntimeError(f"ShardWriter for {self.shard_dir} is closed; open it again to write more.")
 
-    def _record(self, entry: ChunkEntry) -> None:
+    def _check_lease(self) -> None:
+        """On object storage: raise if another writer has taken this shard's lease (nothing is published then)."""
         self._check_open()
-        fsync_dir(self.shard_dir)
+        if isinstance(self._lock, Lease):
+            self._lock.check()
+
+    def _record(self, entry: ChunkEntry) -> None:
+        self._check_lease()
+        if not self.remote:
+            fsync_dir(self.shard_dir)
         m = self.manifest
         m["chunks"].append(entry.to_json())
         m["sequences_done"], m["batches_done"] = entry.sequences_done, entry.batches_done
@@ -396,10 +431,13 @@ def _complete_meta(run_meta: dict, num_shards: int) -> dict:
     return meta
 
 
-def _create_or_check_store_json(root: Path, meta: dict) -> dict:
-    """First writer wins (tmp + hard link, which fails if store.json exists); everyone else compares."""
+def _create_or_check_store_json(root: Path | RemotePath, meta: dict) -> dict:
+    """First writer wins (tmp + hard link, which fails if store.json exists; on object storage a
+    conditional put); everyone else compares."""
     path = root / STORE_JSON
-    if not path.exists():
+    if isinstance(path, RemotePath):
+        create_exclusive(path, json_bytes(meta))
+    elif not path.exists():
         tmp = root / f"{STORE_JSON}.{socket.gethostname()}.{os.getpid()}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -427,7 +465,7 @@ def _create_or_check_store_json(root: Path, meta: dict) -> dict:
 
 def raise_tokens_target(root: str | Path, tokens: int) -> None:
     """Record a larger token target in store.json (what `saelab monitor` measures progress against)."""
-    path = Path(root) / STORE_JSON
+    path = location(root) / STORE_JSON
     meta = read_json(path, "store manifest")
     if int(meta.get("tokens_target") or 0) < tokens:
         meta["tokens_target"] = int(tokens)
@@ -453,10 +491,11 @@ def _load_or_new_manifest(shard_dir: Path, shard: int, num_shards: int) -> dict:
         raise UsageError(f"{path} belongs to shard {m.get('shard')} of {m.get('num_shards')}, not "
                          f"{shard} of {num_shards}. Use the same --num-shards or another --out.")
     problems = []
+    sizes = {p.name: p.stat().st_size for p in shard_dir.iterdir()}  # one listing (one request remotely)
     for c in m["chunks"]:
         for f in c["files"].values():
             p = shard_dir / f["file"]
-            size = p.stat().st_size if p.exists() else None
+            size = sizes.get(p.name)
             if size != f["bytes"]:
                 problems.append(f"{p}: " + ("missing" if size is None else f"{size} bytes, manifest says {f['bytes']}"))
     if problems:
@@ -473,7 +512,7 @@ def _clean_shard_dir(shard_dir: Path, manifest: dict) -> None:
     interrupted = f"chunk_{len(manifest['chunks']):06d}."
     leftovers, foreign = [], []
     for p in sorted(shard_dir.iterdir()):
-        if p.name.endswith(".tmp") or p.name.startswith(interrupted):
+        if is_tmp_name(p.name) or p.name.startswith(interrupted):
             leftovers.append(p)
         elif p.name.startswith("chunk_") and p.name not in listed:
             foreign.append(p.name)
