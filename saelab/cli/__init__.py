@@ -69,7 +69,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
     if getattr(args, "verbose", False):
         level = logging.DEBUG
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("transformers", "accelerate", "torch", "urllib3", "matplotlib", "PIL", "filelock"):
+    for noisy in ("transformers", "accelerate", "torch", "urllib3", "matplotlib", "PIL", "filelock", "botocore",
+                  "aiobotocore", "s3fs", "fsspec", "gcsfs", "google"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
