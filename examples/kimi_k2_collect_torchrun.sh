@@ -20,7 +20,8 @@ set -euo pipefail
 MODEL=${MODEL:-moonshotai/Kimi-K2-Instruct}   # or a local directory with the weights (on every node)
 LAYER=${LAYER:-30}
 CORPUS=${CORPUS:-champ-cot}
-OUT=${OUT:-/shared/data/kimi_k2_layer${LAYER}}   # must be the same shared directory on every node
+OUT=${OUT:-/shared/data/kimi_k2_layer${LAYER}}   # the same shared directory on every node, or the same
+                                                 # s3://bucket/path (pip install 'saelab[s3]'; docs/scale-out.md)
 TOKENS=${TOKENS:-1B}
 NNODES=${NNODES:-4}
 

@@ -12,6 +12,12 @@ Modules, one job each:
   lock.py     one writer per shard (flock; the lock file names pid and host), `preflight` checks
   check.py    `verify_store`, `monitor_snapshot` and their renderings
   rebuild.py  `rebuild_manifests`: a lost shard manifest, rebuilt only after every chunk is checked
+  remote.py   object storage: fsspec URLs -> `RemotePath`, atomic puts, exclusive creates, backend errors
+  lease.py    one writer per shard on object storage (a lease object with a heartbeat, no flock)
+  prefetch.py `Prefetcher`: remote chunks read ahead in a background thread, in the stream's order
+
+Every function that takes a store path also takes an fsspec URL (s3://bucket/run, gs://...); a
+plain path or file:// URL stays local and keeps memory-mapped reads, flock and fsync.
 
 Importing this package does not import torch (only `ActivationStore.batches` does).
 """

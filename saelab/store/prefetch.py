@@ -69,14 +69,14 @@ class Prefetcher:
         return value
 
     def close(self) -> None:
-        """Stop the thread (reads in flight finish and are dropped)."""
+        """Stop the thread: a read in flight finishes in the background and is dropped."""
         self._stop.set()
         try:
             while True:
                 self._q.get_nowait()
         except queue.Empty:
             pass
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=1.0)
 
     def __enter__(self) -> Prefetcher:
         return self

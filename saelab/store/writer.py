@@ -87,7 +87,8 @@ class _ArrayFile:
             self.f.seek(0)
             self.f.write(npy_header(self.dtype, shape))
             self.f.flush()
-            os.fsync(self.f.fileno())
+            if not isinstance(self.path, RemotePath):  # a spool file is uploaded, not kept
+                os.fsync(self.f.fileno())
             size = os.fstat(self.f.fileno()).st_size
             self.f.close()
             if size != nbytes:  # numpy and some file systems report a full disk without an errno

@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE_VERSION = 1
-RESUME_FREE = ("resume", "quick_test", "wandb", "log_every", "num_workers", "device", "out", "overwrite")
+RESUME_FREE = ("resume", "quick_test", "wandb", "log_every", "num_workers", "device", "out", "overwrite",
+               "prefetch_chunks")
 """TrainConfig fields that may differ between a run and its resumption (`out`: a run folder may move)."""
 CHECKSUMS_JSON = "checksums.json"
 CHECKSUMS_VERSION = 1

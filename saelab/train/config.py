@@ -118,6 +118,9 @@ class TrainConfig:
     """Also train on rows that collect flagged as massive activations (left out by default)."""
     shuffle_chunks: int = 8
     """Chunks mixed in the shuffle buffer (RAM ~ shuffle_chunks * chunk size)."""
+    prefetch_chunks: int = 2
+    """With --data on object storage (s3://...): chunks fetched ahead in a background thread (RAM ~
+    (shuffle_chunks + prefetch_chunks + 1) * chunk size); 0 fetches in the training thread. Batches are the same."""
     init_tokens: int = 16_384
     """Tokens sampled to estimate the input scale and b_dec (geometric median)."""
     init: Literal["random", "rkcnn", "data_rows", "kmeans", "pca"] = "random"
@@ -162,7 +165,7 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 p.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "sparsity_warmup_steps", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "num_workers"):
+                     "keep_checkpoints", "num_workers", "prefetch_chunks"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.decay_fraction <= 1:

@@ -61,9 +61,10 @@ def resolve_hook(store, hook: str | None, d_in: int | None) -> tuple[str, int]:
 
 def split_kwargs(cfg) -> dict[str, Any]:
     """Store-reading options every stream of a run shares: its split, shuffle buffer and whether rows
-    collect flagged as massive activations are left out (the default; --keep-outliers keeps them)."""
+    collect flagged as massive activations are left out (the default; --keep-outliers keeps them), and
+    how many chunks a store on object storage fetches ahead."""
     return {"val_fraction": cfg.val_fraction, "shuffle_chunks": cfg.shuffle_chunks,
-            "skip_flagged": not getattr(cfg, "keep_outliers", False)}
+            "skip_flagged": not getattr(cfg, "keep_outliers", False), "prefetch": getattr(cfg, "prefetch_chunks", 2)}
 
 
 def train_batches(store, hook: str, cfg, rank: int, world: int):
