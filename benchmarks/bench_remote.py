@@ -118,13 +118,16 @@ def main() -> None:
               f"write local {mb / t_local:.0f} MiB/s, s3 {mb / t_remote:.0f} MiB/s (moto on 127.0.0.1)")
         sources = {"local": (load_store(local), 0), "s3, prefetch 0": (load_store(url), 0),
                    "s3, prefetch 2": (load_store(url), 2)}
-        for st, _ in sources.values():  # warm-up: imports, the local page cache, connections
-            epoch_seconds(st, a.batch, 0)
         cfg = REGISTRY["topk"][1](d_in=a.width, d_sae=a.expansion * a.width, k=a.k)
+        for st, pf in sources.values():  # warm-up: imports, the page cache, connections, allocator, fused Adam
+            epoch_seconds(st, a.batch, pf)
+            epoch_seconds(st, a.batch, pf, make_sae(cfg))
         best = {(name, train): 0.0 for name in sources for train in (False, True)}
-        for _ in range(a.rounds):  # interleaved, best of each: fair on a machine shared with other jobs
+        names = list(sources)
+        for r in range(a.rounds):  # interleaved, order rotated, best of each: fair on a shared machine
             for train in (False, True):
-                for name, (st, pf) in sources.items():
+                for name in names[r % 3:] + names[:r % 3]:
+                    st, pf = sources[name]
                     torch.manual_seed(0)
                     sae = make_sae(cfg) if train else None
                     s, n = epoch_seconds(st, a.batch, pf, sae)
