@@ -7,6 +7,8 @@
                 stale ->  replace it only if it is still that stale object (S3: If-Match on its
                           ETag); a writer that loses this race is refused
               stale  <=>  now - heartbeat_at > ttl_s,  or  host == this host and pid is not running
+              then read it back: the token must be ours (a server that ignores the conditions
+              lets the last of two writers win; the other is refused here)
     hold      a daemon thread rewrites heartbeat_at every ttl_s / 5 seconds (S3: If-Match on our
               last ETag), and the writer calls `check()` before it publishes a chunk and again
               before the manifest: it reads the lease back and raises if another writer holds it
@@ -60,12 +62,13 @@ def read_lease(shard_dir: RemotePath) -> tuple[dict | None, str]:
     try:
         with backend_errors(path, "read"):
             etag = str(path.fs.info(path.key).get("ETag", "")) if path.protocol in ("s3", "s3a") else ""
-            data = json.loads(path.read_bytes())
+            raw = path.read_bytes()
     except FileNotFoundError:
         return None, ""
+    try:
+        return json.loads(raw), etag
     except (ValueError, UnicodeDecodeError):
-        return {"host": "?", "pid": 0, "token": "", "heartbeat_at": 0.0, "ttl_s": 0.0}, ""  # damaged: stale
-    return data, etag
+        return {"host": "?", "pid": 0, "token": "", "heartbeat_at": 0.0, "ttl_s": 0.0}, etag  # damaged: stale
 
 
 def is_stale(lease: dict, now: float | None = None) -> bool:
@@ -120,9 +123,10 @@ class Lease:
                 log.warning("taking over the stale lease of shard %d (pid %s on host %s, last heartbeat %s)", shard,
                             lease.get("pid"), lease.get("host"), _now_iso(float(lease.get("heartbeat_at", 0.0))))
             etag = cls._replace(path, body, old_etag) if lease is not None else create_exclusive(path, body)
-            if etag is None:
-                lease, _ = read_lease(shard_dir)
-                raise held_error(shard_dir, shard, root, lease or {"host": "?", "pid": "?"})
+        # read back: a server that ignores the conditions lets the last of two writers win; the other stops here
+        lease, _ = read_lease(shard_dir)
+        if etag is None or lease is None or lease.get("token") != token:
+            raise held_error(shard_dir, shard, root, lease or {"host": "?", "pid": "?"})
         return cls(shard_dir, shard, token, etag, now, ttl_s)
 
     @staticmethod

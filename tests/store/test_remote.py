@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +31,7 @@ from saelab.errors import DataError, UsageError  # noqa: E402
 from saelab.evaluate import evaluate_saes  # noqa: E402
 from saelab.store import ShardWriter, load_store  # noqa: E402
 from saelab.store.batches import rows_in_order  # noqa: E402
-from saelab.store.lease import LEASE_FILE  # noqa: E402
+from saelab.store.lease import LEASE_FILE, Lease  # noqa: E402
 from saelab.store.remote import RemotePath, location  # noqa: E402
 from saelab.train import TrainConfig, train  # noqa: E402
 from saelab.saes import load_sae  # noqa: E402
@@ -265,6 +266,33 @@ def test_a_writer_that_lost_its_lease_publishes_nothing(s3, url):
     s3.pipe_file(lease, json.dumps({"host": "elsewhere", "pid": 1, "token": "x", "heartbeat_at": time.time() - 1000,
                                     "ttl_s": 300}).encode())
     ShardWriter.open(url, meta, shard=0, num_shards=1).close()
+
+
+def test_of_writers_racing_for_a_free_or_a_stale_lease_exactly_one_wins(s3, url):
+    shard_dir = location(url) / "shard_00000"
+    for stale in (False, True):
+        if stale:
+            s3.pipe_file(f"{shard_dir.key}/{LEASE_FILE}", json.dumps(
+                {"host": "elsewhere", "pid": 1, "token": "old", "heartbeat_at": 0.0, "ttl_s": 300}).encode())
+        won, refused, go = [], [], threading.Barrier(4)
+
+        def race():
+            go.wait()
+            try:
+                won.append(Lease.acquire(shard_dir, 0, url))
+            except UsageError as e:
+                refused.append(str(e))
+
+        threads = [threading.Thread(target=race) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == 3, (stale, refused)
+        assert all("another process" in m for m in refused)
+        assert json.loads(s3.cat_file(f"{shard_dir.key}/{LEASE_FILE}"))["token"] == won[0].token
+        won[0].release()
+        assert not s3.exists(f"{shard_dir.key}/{LEASE_FILE}")
 
 
 def test_bad_urls_and_a_missing_backend_exit_2_without_traceback(s3, llama_dir, corpus_dir, capsys, url):
