@@ -69,7 +69,8 @@ class CollectConfig:
     """The corpus and its packing (--corpus --text-field --text-template --max-length --keep-special)."""
     out: str | None = None
     """Store directory (default: data/run, or data/lora_<adapter initials> such as data/lora_gudqkvo for a
-    lora: hook). Re-running the same command into it resumes; other settings are refused."""
+    lora: hook), or a URL on object storage (s3://bucket/run, gs://...; needs the s3 or gcs extra).
+    Re-running the same command into it resumes; other settings are refused."""
     layer: list[int] = field(default_factory=list)
     """Residual stream after these decoder layers (shorthand for --hook model.layers.N); comma-separated."""
     hook: list[str] = field(default_factory=list)

@@ -68,7 +68,7 @@ def register(sub) -> None:
 
 def _common(p) -> None:
     p.add_argument("--sae", default=None, help="SAE directory (alias --sae_path; instead of the positional)")
-    p.add_argument("--data", default=None, required=False, help="activation store directory (alias --data_dir)")
+    p.add_argument("--data", default=None, required=False, help="activation store directory or URL (alias --data_dir)")
     p.add_argument("--hook", default=None, help="hook point (default: the one recorded in the SAE)")
     p.add_argument("--num-shards", dest="num_shards", type=parse_int, default=None,
                    help="use only the first N shards of the store (alias --num_shards)")

@@ -11,7 +11,7 @@ def register(sub) -> None:
     p = sub.add_parser("verify", help="check every chunk of one or more stores (sha256, shapes, NaN/inf, token ids)",
                        description="Check every chunk file of each store against its manifest. Exit 0 when all "
                                    "are sound, 1 naming each bad file.")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="store directories")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="store directories or URLs (s3://bucket/run)")
     p.add_argument("--no-hash", dest="check_hash", action="store_false",
                    help="skip sha256 (sizes, shapes and values are still checked)")
     p.add_argument("--rebuild-manifest", action="store_true",
@@ -22,7 +22,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("monitor", help="per-shard progress of a collection: tokens, %%, tokens/s, ETA, disk",
                        description="Show each shard's tokens done / target, chunks, tokens/s, ETA and disk use.")
-    p.add_argument("dir", metavar="DIR", help="store directory")
+    p.add_argument("dir", metavar="DIR", help="store directory or URL (s3://bucket/run)")
     p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
                    help="refresh every SECONDS until every shard is done (Ctrl-C stops)")
     add_common_flags(p)

@@ -28,7 +28,7 @@ class EvalConfig:
     sae: list[str] = field(default_factory=list)
     """SAE directories to evaluate (e.g. runs/NAME/sae_best); positional on the command line."""
     data: str = ""
-    """Activation store to measure reconstruction and sparsity on."""
+    """Activation store to measure reconstruction and sparsity on (a directory or an s3://... URL)."""
     split: Literal["val", "train", "all"] = "val"
     """Store split (val: the chunks each SAE's training held out, by its val_fraction and seed)."""
     tokens: int | None = None

@@ -56,7 +56,7 @@ class TrainConfig:
     """--corpus to stream through --model, and its packing."""
 
     data: str | None = None
-    """Activation store directory (from `saelab collect`)."""
+    """Activation store directory (from `saelab collect`), or its URL on object storage (s3://bucket/run)."""
     hook: str | None = None
     """Hook point to train on; default: the store's only hook."""
     layer: int | None = None
