@@ -6,16 +6,18 @@
 One run writes the same store (fp16, one hook) to a local directory and to s3:// on moto's S3
 server, started as a separate process on 127.0.0.1 (so its Python threads do not share this
 process's interpreter lock). Then, for each source, one epoch of `store.batches(...)` is consumed
-by TopK training steps (training_loss + backward + fused Adam), and once more with no training
-(reading only):
+three ways: reading only; TopK training steps on this CPU (training_loss + backward + fused Adam);
+and a consumer that sleeps --gpu-step-ms per batch, a stand-in for a GPU training step, which
+leaves the CPU free for the fetches (the case prefetch is for):
 
     local                memory-mapped chunks, sha256 once per file (the reference)
     s3, prefetch 0       every chunk fetched whole + sha256-checked in the training thread
     s3, prefetch 2       the next 2 chunks fetched + checked in a background thread
 
 Printed: tokens/s of each and the ratio to local, best of --rounds interleaved rounds. moto is a
-Python server on the same 2 cores, so its absolute bandwidth is far below a real S3 endpoint's;
-what carries over is how much of the fetch time prefetch hides behind the training steps.
+Python server on the same 2 cores, so its absolute bandwidth is far below a real S3 endpoint's, and
+its fetches cost CPU where a real endpoint's cost mostly waiting; what carries over is how much of
+the fetch time prefetch hides behind the consumer's work.
 """
 from __future__ import annotations
 
@@ -73,12 +75,15 @@ def write_store(root, chunks: int, rows: int, width: int) -> None:
         w.finish()
 
 
-def epoch_seconds(store, batch: int, prefetch: int, sae=None) -> tuple[float, int]:
-    """(seconds, tokens) of one epoch of batches, with a training step per batch if `sae` is given."""
+def epoch_seconds(store, batch: int, prefetch: int, sae=None, sleep_s: float = 0.0) -> tuple[float, int]:
+    """(seconds, tokens) of one epoch of batches, with a training step per batch if `sae` is given,
+    or a sleep of `sleep_s` per batch."""
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True) if sae is not None else None
     t0, n = time.perf_counter(), 0
     for x_BD in store.batches("h", batch, split="all", seed=0, shuffle_chunks=2, prefetch=prefetch):
         n += x_BD.shape[0]
+        if sleep_s:
+            time.sleep(sleep_s)
         if sae is not None:
             opt.zero_grad(set_to_none=True)
             sae.training_loss(x_BD).loss.backward()
@@ -97,6 +102,7 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=4)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--gpu-step-ms", type=float, default=20.0, help="sleep per batch of the GPU stand-in")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -122,23 +128,25 @@ def main() -> None:
         for st, pf in sources.values():  # warm-up: imports, the page cache, connections, allocator, fused Adam
             epoch_seconds(st, a.batch, pf)
             epoch_seconds(st, a.batch, pf, make_sae(cfg))
-        best = {(name, train): 0.0 for name in sources for train in (False, True)}
+        modes = {"reading only": {}, f"TopK training on the CPU, d_sae={a.expansion * a.width} k={a.k} batch={a.batch}":
+                 {"sae": True}, f"GPU stand-in: {a.gpu_step_ms:g} ms sleep per batch of {a.batch}":
+                 {"sleep_s": a.gpu_step_ms / 1e3}}
+        best = {(name, mode): 0.0 for name in sources for mode in modes}
         names = list(sources)
         for r in range(a.rounds):  # interleaved, order rotated, best of each: fair on a shared machine
-            for train in (False, True):
+            for mode, kw in modes.items():
                 for name in names[r % 3:] + names[:r % 3]:
                     st, pf = sources[name]
                     torch.manual_seed(0)
-                    sae = make_sae(cfg) if train else None
-                    s, n = epoch_seconds(st, a.batch, pf, sae)
-                    best[(name, train)] = max(best[(name, train)], n / s)
+                    sae = make_sae(cfg) if kw.get("sae") else None
+                    s, n = epoch_seconds(st, a.batch, pf, sae, kw.get("sleep_s", 0.0))
+                    best[(name, mode)] = max(best[(name, mode)], n / s)
         print(f"threads={torch.get_num_threads()}  best of {a.rounds} rounds; one epoch each")
-        for train in (False, True):
-            what = (f"TopK training d_sae={a.expansion * a.width} k={a.k} batch={a.batch}" if train else "reading only")
-            print(f"{what}:")
-            ref = best[("local", train)]
+        for mode in modes:
+            print(f"{mode}:")
+            ref = best[("local", mode)]
             for name in sources:
-                r = best[(name, train)]
+                r = best[(name, mode)]
                 print(f"  {name:<15} {r:10.0f} tok/s   {r / ref:5.2f}x local")
     finally:
         server.terminate()

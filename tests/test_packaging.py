@@ -48,6 +48,8 @@ def test_extras_are_declared(metadata):
     assert {"dev", "interop", "wandb", "hf"} <= set(metadata.get_all("Provides-Extra"))
     assert {"pytest", "scipy"} <= set(_requirements(metadata, "dev"))
     assert {"sae-lens", "eai-sparsify"} <= set(_requirements(metadata, "interop"))
+    assert "s3fs" in _requirements(metadata, "s3") and "gcsfs" in _requirements(metadata, "gcs")
+    assert {"s3fs", "moto[s3]", "flask", "flask-cors"} <= set(_requirements(metadata, "dev"))  # the S3 server tests
 
 
 def test_local_set_up_pins_what_it_installs():
@@ -56,7 +58,7 @@ def test_local_set_up_pins_what_it_installs():
     assert pins["torch"] == "2.13.0" and "transformers" in pins
     makefile = (ROOT / "Makefile").read_text()
     assert "torch==2.13.0" in makefile and "-c constraints.txt -e '.[dev,interop]'" in makefile
-    for name in ("sae-lens", "eai-sparsify", "dictionary-learning", "pytest", "scipy"):
+    for name in ("sae-lens", "eai-sparsify", "dictionary-learning", "pytest", "scipy", "s3fs", "moto", "fsspec"):
         assert name in pins, f"{name} is installed by `make setup` but not pinned in constraints.txt"
 
 

@@ -24,7 +24,6 @@ once, and "a live writer" means a shard lease that is not stale (lease.py) inste
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from saelab.store.format import (
 )
 from saelab.store.lease import LEASE_FILE
 from saelab.store.lock import shard_is_locked
-from saelab.store.remote import RemotePath, is_tmp_name, location
+from saelab.store.remote import RemotePath, is_tmp_name, location, sha256_bytes
 
 _BLOCK_ROWS = 1 << 16
 _SHARD_RE = re.compile(r"^shard_(\d{5})$")
@@ -203,7 +202,7 @@ def _verify_file(sdir: Path, shard: int, key: str, entry: dict, meta: dict, rep:
     size = len(data) if remote else path.stat().st_size
     if size != entry["bytes"]:
         return bad(f"{'truncated' if size < entry['bytes'] else 'padded'}: {size:,} bytes, manifest says {entry['bytes']:,}")
-    digest = entry["sha256"] if not check_hash else hashlib.sha256(data).hexdigest() if remote else sha256_file(path)
+    digest = entry["sha256"] if not check_hash else sha256_bytes(data) if remote else sha256_file(path)
     if digest != entry["sha256"]:
         rep.files.append(FileCheck(rel, entry["shape"], entry["dtype"], digest, False))
         return bad("sha256 mismatch (the file changed after it was written)")
