@@ -118,9 +118,10 @@ class TrainConfig:
     """Also train on rows that collect flagged as massive activations (left out by default)."""
     shuffle_chunks: int = 8
     """Chunks mixed in the shuffle buffer (RAM ~ shuffle_chunks * chunk size)."""
-    prefetch_chunks: int = 2
-    """With --data on object storage (s3://...): chunks fetched ahead in a background thread (RAM ~
-    (shuffle_chunks + prefetch_chunks + 1) * chunk size); 0 fetches in the training thread. Batches are the same."""
+    prefetch_chunks: int | None = None
+    """With --data on object storage (s3://...): chunks fetched ahead in a background thread; default
+    --shuffle-chunks, so the next shuffle group arrives while this one trains (RAM ~ (shuffle_chunks +
+    prefetch_chunks + 1) * chunk size). 0 fetches in the training thread. The batches are the same."""
     init_tokens: int = 16_384
     """Tokens sampled to estimate the input scale and b_dec (geometric median)."""
     init: Literal["random", "rkcnn", "data_rows", "kmeans", "pca"] = "random"
@@ -165,9 +166,11 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 p.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "sparsity_warmup_steps", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "num_workers", "prefetch_chunks"):
+                     "keep_checkpoints", "num_workers"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefetch_chunks is not None and self.prefetch_chunks < 0:
+            p.append(f"prefetch_chunks must be >= 0, got {self.prefetch_chunks}")
         if not 0 <= self.decay_fraction <= 1:
             p.append(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not 0 < self.val_fraction < 1:

@@ -63,8 +63,10 @@ def split_kwargs(cfg) -> dict[str, Any]:
     """Store-reading options every stream of a run shares: its split, shuffle buffer and whether rows
     collect flagged as massive activations are left out (the default; --keep-outliers keeps them), and
     how many chunks a store on object storage fetches ahead."""
+    prefetch = getattr(cfg, "prefetch_chunks", None)
     return {"val_fraction": cfg.val_fraction, "shuffle_chunks": cfg.shuffle_chunks,
-            "skip_flagged": not getattr(cfg, "keep_outliers", False), "prefetch": getattr(cfg, "prefetch_chunks", 2)}
+            "skip_flagged": not getattr(cfg, "keep_outliers", False),
+            "prefetch": cfg.shuffle_chunks if prefetch is None else prefetch}
 
 
 def train_batches(store, hook: str, cfg, rank: int, world: int):
