@@ -124,14 +124,18 @@ def twin(s3, llama_dir, corpus_dir, tmp_path_factory):
     return url, local
 
 
-def test_collect_to_s3_writes_the_local_store_byte_for_byte(s3, twin):
+def test_collect_to_s3_writes_the_local_store_byte_for_byte(s3, twin, capsys):
     url, local = twin
     rem, loc = remote_files(s3, url), local_files(local)
     assert sorted(rem) == sorted(loc), "object names differ from the local file names (no tmp key or lease may remain)"
     assert chunk_digest(rem) == chunk_digest(loc)
     assert sum(n.endswith(".npy") for n in rem) >= 12
+    capsys.readouterr()
     assert main(["verify", url]) == 0
+    assert "✓ store is sound" in capsys.readouterr().out
     assert main(["monitor", url]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith(url) and " done " in table and "/ 320 (" in table
 
 
 def test_reads_equal_the_local_store_with_and_without_prefetch(twin):
