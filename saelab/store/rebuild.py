@@ -19,8 +19,9 @@ and the progress each entry records, from the chunk's own rows (the batch grid o
     norms_h(c)        = outlier_flags(||x_n|| of the stored fp16 rows, medians of chunks 0..c-1, ratio)
                         (exactly what the writer recorded: the same rows flagged as massive activations)
 
-Any problem: nothing is written, and every problem is reported with its file. A store on object
-storage is refused with the steps to rebuild a copy on local disk (a rebuild reads every chunk).
+Any problem: nothing is written, and every problem is reported with its file. On object storage
+the same checks run on each chunk file fetched whole (one chunk in memory at a time), and a damaged
+manifest is moved aside by a server-side copy.
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ import numpy as np
 
 from saelab.store.format import (
     FORMAT_VERSION, FP16_MAX, MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, ChunkEntry, check_format_version,
-    json_bytes, outlier_flags, read_json, sha256_file, shard_dir_name, shard_target, write_bytes_atomic,
+    json_bytes, npy_from_bytes, outlier_flags, read_json, sha256_file, shard_dir_name, shard_target,
+    write_bytes_atomic,
 )
 from saelab.errors import UsageError
-from saelab.store.remote import RemotePath, location
+from saelab.store.remote import RemotePath, location, sha256_bytes
 
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.(.+)\.npy$")
 _BLOCK_ROWS = 1 << 16
@@ -65,10 +67,6 @@ def rebuild_manifests(path: str | Path) -> RebuildReport:
         UsageError: `path` is not a store (no readable store.json of a known format_version).
     """
     root = location(path)
-    if isinstance(root, RemotePath):
-        raise UsageError(f"--rebuild-manifest works on a local store only; {root} is on object storage. Copy the "
-                         "shard directory to a local disk (for S3: `aws s3 sync`), rebuild its manifest there, "
-                         "check it with `saelab verify`, and copy manifest.json back.")
     meta = read_json(root / STORE_JSON, "store manifest")
     check_format_version(meta, root / STORE_JSON, "store manifest")
     rep = RebuildReport(root)
@@ -93,7 +91,11 @@ def rebuild_manifests(path: str | Path) -> RebuildReport:
         sdir = root / shard_dir_name(shard)
         mpath = sdir / MANIFEST_JSON
         if mpath.exists():  # kept beside the shard, where verify does not count it as a stray file
-            os.replace(mpath, root / f"{sdir.name}.{MANIFEST_JSON}.damaged")
+            damaged = root / f"{sdir.name}.{MANIFEST_JSON}.damaged"
+            if isinstance(mpath, RemotePath):
+                mpath.fs.mv(mpath.key, damaged.key)
+            else:
+                os.replace(mpath, damaged)
         tokens = sum(e.num_tokens for e in entries)
         last = entries[-1]
         now = time.time()
@@ -144,11 +146,15 @@ def _check_shard(sdir: Path, shard: int, meta: dict) -> tuple[list[ChunkEntry], 
 
 def _check_chunk(files: dict[str, Path], index: int, shard: int, meta: dict, hooks: dict[str, dict],
                  medians: dict[str, list[float]]):
-    problems, arrays, entry_files = [], {}, {}
+    problems, arrays, entry_files, digests = [], {}, {}, {}
     for key, p in files.items():
         try:
-            arrays[key] = np.load(p, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as e:
+            if isinstance(p, RemotePath):  # fetched whole once: the array and its hash come from those bytes
+                data = p.read_bytes()
+                arrays[key], digests[key] = npy_from_bytes(data, p), sha256_bytes(data)
+            else:
+                arrays[key] = np.load(p, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, UsageError) as e:
             problems.append(f"{p}: not a plain .npy array ({e})")
     if problems:
         return None, problems
@@ -190,7 +196,7 @@ def _check_chunk(files: dict[str, Path], index: int, shard: int, meta: dict, hoo
     names = {TOKENS: TOKENS, SEQPOS: SEQPOS, **{k: h["name"] for k, h in hooks.items()}}
     for key, p in files.items():
         a = arrays[key]
-        entry_files[names[key]] = {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size,
+        entry_files[names[key]] = {"file": p.name, "sha256": digests.get(key) or sha256_file(p), "bytes": p.stat().st_size,
                                    "shape": list(a.shape), "dtype": a.dtype.name}
     return ChunkEntry(index, n, entry_files, overflow, nan, batches_done * batch, batches_done,
                       p.stat().st_mtime, norms), []

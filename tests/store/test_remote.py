@@ -203,6 +203,23 @@ def test_a_corrupted_remote_chunk_is_caught_by_verify_and_by_reading(s3, llama_d
         load_store(url).read_activations(1, HOOK)
 
 
+def test_a_lost_remote_manifest_is_refused_then_rebuilt_from_the_chunks(s3, llama_dir, corpus_dir, url):
+    collect(cfg_for(llama_dir, corpus_dir, url, tokens=130), quiet=True)
+    mkey = f"{url.removeprefix('s3://')}/shard_00000/manifest.json"
+    original = json.loads(s3.cat_file(mkey))
+    before = chunk_digest({k: v for k, v in remote_files(s3, url).items() if k.endswith(".npy")})
+    s3.rm_file(mkey)
+    with pytest.raises(DataError, match="rebuild-manifest"):
+        collect(cfg_for(llama_dir, corpus_dir, url, tokens=130), quiet=True)
+    assert main(["verify", "--rebuild-manifest", url]) == 0
+    rebuilt = json.loads(s3.cat_file(mkey))
+    same = lambda c: {k: v for k, v in c.items() if k != "written_at"}  # noqa: E731
+    assert [same(c) for c in rebuilt["chunks"]] == [same(c) for c in original["chunks"]] and len(original["chunks"]) >= 2
+    assert (rebuilt["sequences_done"], rebuilt["batches_done"]) == (original["sequences_done"], original["batches_done"])
+    collect(cfg_for(llama_dir, corpus_dir, url, tokens=130), quiet=True)  # complete: nothing to redo
+    assert chunk_digest({k: v for k, v in remote_files(s3, url).items() if k.endswith(".npy")}) == before
+
+
 def _cli(*args) -> subprocess.Popen:
     env = dict(os.environ, SAELAB_TORCH_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "saelab", *args], env=env, stdout=subprocess.PIPE,
