@@ -181,6 +181,29 @@ def test_train_and_evaluate_from_s3_equal_the_local_runs(twin, tmp_path):
     assert ea.n_tokens == eb.n_tokens > 0 and ea.fvu == eb.fvu
 
 
+def test_a_store_copied_to_a_bucket_verifies_and_interprets_as_the_local_one(s3, url, tmp_path):
+    from saelab.interpret.data import check_pair, load_or_compute_stats
+    from saelab.interpret.examples import feature_examples
+    from saelab.interpret.stats import PassConfig
+    from tests.builders import planted_words
+
+    c = planted_words(tmp_path)
+    s3.put(str(c.store), url.removeprefix("s3://"), recursive=True)  # any sync tool would do (.lock included)
+    assert main(["verify", url]) == 0
+    sae = load_sae(c.sae)
+    out = {}
+    for name, where in (("local", c.store), ("s3", url)):
+        store = load_store(where)
+        hook = check_pair(sae, store)
+        res = load_or_compute_stats(sae, store, hook, PassConfig(top_k=4, reservoir=8, batch_size=16),
+                                    cache_dir=tmp_path / f"cache_{name}")
+        ex = feature_examples(sae, store, hook, res.stats, [0, 1, 2], top_k=4, context=3)
+        out[name] = (res.stats.top_index_FK, res.stats.count_F,
+                     [[(e.index, e.value, e.context_ids) for e in ex[f]["top"]] for f in (0, 1, 2)])
+    assert torch.equal(out["local"][0], out["s3"][0]) and torch.equal(out["local"][1], out["s3"][1])
+    assert out["local"][2] == out["s3"][2] and out["s3"][2][0], "no examples to compare"
+
+
 # ------------------------------------------------------------------------------ faults
 
 def test_a_corrupted_remote_chunk_is_caught_by_verify_and_by_reading(s3, llama_dir, corpus_dir, url, capsys):
