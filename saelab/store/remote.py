@@ -49,11 +49,6 @@ _ONE_SLASH_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")
 _TMP_RE = re.compile(r"\.tmp(-[0-9a-f]{32})?$")
 
 
-def is_url(text: str | Path) -> bool:
-    """True for `scheme://...` (file:// included)."""
-    return isinstance(text, str) and bool(_URL_RE.match(text))
-
-
 def is_tmp_name(name: str) -> bool:
     """A temporary file or key a writer leaves when interrupted: `x.tmp` (local) or `x.tmp-<uuid>`."""
     return bool(_TMP_RE.search(name))
