@@ -8,8 +8,8 @@ are read as one item, so a step is seen in its context. Per unit u and feature f
 
     sum_UF[u, f] = sum_t f_t,     fired_UF[u, f] = #{t : f_t > 0},     n_U[u] = #t
 
-Answer level (one teacher-forced pass per problem and edit set, rows of a batch carry different
-ablation sets): chat turn "user: statement", then "assistant: steps, 'The final answer is ' answer":
+Answer level (one teacher-forced pass per problem and batch of edit sets: the layers below the hook
+run once, the batch widens to one row per ablation set at the hook): chat turn "user: statement", then "assistant: steps, 'The final answer is ' answer":
 
     logp_answer = sum over answer tokens of log p(token | everything before)
     logp_key    = mean over key tokens of the steps (tokens holding a digit) of log p(token | before)
@@ -149,11 +149,23 @@ def answer_items(tokenizer, problems, max_length: int) -> list[AnswerItem]:
 
 
 def answer_scores(model, sae, hook: str, item: AnswerItem, sets: list[list[int]], batch_size: int) -> np.ndarray:
-    """[len(sets), 3] (logp_answer, logp_key, exact) of one problem; an empty set = the clean model."""
+    """[len(sets), 3] (logp_answer, logp_key, exact) of one problem; an empty set = the clean model.
+
+    Every row of a batch reads the same tokens and differs only from the hook on, so the layers below
+    the hook run once on one row: at the hook the batch is widened to one row per set,
+
+        x_BSD[b] = x_SD - (decode(f(x_SD) * 1_{K_b}) - decode(0))      (BOS row left alone)
+
+    and logits are computed only at the positions that predict an answer or key token
+    (`logits_to_keep`). Same numbers as one full forward per set (tested), at a fraction of the cost.
+    """
     F = int(sae.W_dec_FD.shape[0])
     out = []
     ids_1S = torch.from_numpy(item.ids)[None]
-    tgt = torch.from_numpy(item.ids[1:])
+    ap, kp = item.answer_pos - 1, item.key_pos - 1  # the positions whose logits predict those tokens
+    pos_T = np.unique(np.concatenate([ap, kp]).astype(np.int64))
+    tgt_T = torch.from_numpy(item.ids[pos_T + 1])
+    a_i, k_i = torch.from_numpy(np.searchsorted(pos_T, ap)), torch.from_numpy(np.searchsorted(pos_T, kp))
     for a in range(0, len(sets), batch_size):
         group = sets[a:a + batch_size]
         M_BF = torch.zeros(len(group), F)
@@ -161,23 +173,24 @@ def answer_scores(model, sae, hook: str, item: AnswerItem, sets: list[list[int]]
             if len(s):
                 M_BF[b, torch.as_tensor(s)] = 1.0
 
-        def ablate(x_BSD, M_BF=M_BF):
-            B, S_, D = x_BSD.shape
-            f_BSF = sae.encode(x_BSD.reshape(B * S_, D).float()).reshape(B, S_, F)
-            kept_NF = (f_BSF * M_BF[:, None, :].to(f_BSF.device)).reshape(B * S_, F)
-            d_BSD = (sae.decode(kept_NF) - sae.decode(torch.zeros_like(kept_NF))).reshape(B, S_, D)
+        def widen(x_1SD, M_BF=M_BF):
+            _, S_, D = x_1SD.shape
+            B = M_BF.shape[0]
+            x_SD = x_1SD[0].float()
+            f_SF = sae.encode(x_SD)
+            kept_NF = (f_SF[None] * M_BF[:, None, :].to(f_SF.device)).reshape(B * S_, F)
+            d_BSD = (sae.decode(kept_NF) - sae.decode(torch.zeros_like(kept_NF[:1]))).reshape(B, S_, D)
             d_BSD[:, 0] = 0.0  # BOS untouched
-            return (x_BSD.float() - d_BSD).to(x_BSD.dtype)
+            return (x_SD[None] - d_BSD).to(x_1SD.dtype)
 
-        with torch.inference_mode(), splice(model, hook, ablate):
-            logits = model(input_ids=ids_1S.expand(len(group), -1), use_cache=False).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1)
-        tok_lp = lp.gather(2, tgt[None, :, None].expand(len(group), -1, 1))[..., 0]
-        arg = lp.argmax(-1)
-        ap, kp = torch.from_numpy(item.answer_pos - 1), torch.from_numpy(item.key_pos - 1)
+        with torch.inference_mode(), splice(model, hook, widen):
+            logits_BTV = model(input_ids=ids_1S, use_cache=False, logits_to_keep=torch.from_numpy(pos_T)).logits.float()
+        lp_BTV = torch.log_softmax(logits_BTV, -1)
+        tok_lp_BT = lp_BTV.gather(2, tgt_T[None, :, None].expand(len(group), -1, 1))[..., 0]
+        right_BT = lp_BTV.argmax(-1) == tgt_T[None]
         for b in range(len(group)):
-            key = float(tok_lp[b, kp].mean()) if len(kp) else float("nan")
-            out.append((float(tok_lp[b, ap].sum()), key, float(bool((arg[b, ap] == tgt[ap]).all()))))
+            key = float(tok_lp_BT[b, k_i].mean()) if len(k_i) else float("nan")
+            out.append((float(tok_lp_BT[b, a_i].sum()), key, float(bool(right_BT[b, a_i].all()))))
     return np.array(out)
 
 

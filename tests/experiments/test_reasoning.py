@@ -138,6 +138,39 @@ def test_batched_ablation_rows_equal_single_runs(dry):
     assert together[3, 0] != pytest.approx(clean, abs=1e-6)  # ablating 20 features changes something
 
 
+def test_widened_ablation_equals_one_full_forward_per_set(dry):
+    """answer_scores runs the layers below the hook once and widens the batch at the hook; each row
+    must equal a plain full forward of the whole model with that set ablated (error term kept)."""
+    from saelab.models import load_model, splice
+    from saelab.saes import load_sae
+
+    out, res = dry
+    lm = load_model(res["config"]["model"], quiet=True)
+    sae = load_sae(res["config"]["sae"].split(",")[0])
+    hook = sae.metadata["hook"]
+    (_, item), = P.answer_items(lm.tokenizer, load_champ(res["config"]["problems_json"])[:1], 128)[:1]
+    sets = [[], [4, 9], list(range(0, 40, 2))]
+    fast = P.answer_scores(lm.model, sae, hook, item, sets, batch_size=3)
+    ids = torch.from_numpy(item.ids)[None]
+    for row, s in zip(fast, sets):
+        def ablate(x_BSD, s=s):
+            f = sae.encode(x_BSD[0].float())
+            keep = torch.zeros_like(f)
+            keep[:, s] = f[:, s]
+            d = sae.decode(keep) - sae.decode(torch.zeros_like(keep))
+            d[0] = 0.0
+            return (x_BSD[0].float() - d)[None]
+        with torch.inference_mode(), splice(lm.model, hook, ablate):
+            lp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1].float(), -1)
+        tgt = ids[0, 1:]
+        a, k = torch.from_numpy(item.answer_pos - 1), torch.from_numpy(item.key_pos - 1)
+        want_answer = float(lp[a, tgt[a]].sum())
+        want_key = float(lp[k, tgt[k]].mean()) if len(k) else float("nan")
+        want_exact = float(bool((lp[a].argmax(-1) == tgt[a]).all()))
+        np.testing.assert_allclose(row, [want_answer, want_key, want_exact], rtol=1e-4, atol=1e-4)
+    assert abs(fast[2, 0] - fast[0, 0]) > 1e-4  # the 20-feature ablation changes the answer's log p
+
+
 def test_dry_run_writes_report_with_controls_and_splits(dry):
     out, res = dry
     for f in ("results.json", "report.md", "claims.png"):
