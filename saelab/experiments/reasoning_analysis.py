@@ -16,6 +16,9 @@ statistics.control_percentile):
     calc_vs_expl          mean a_K over calculation-heavy steps - over explanation-heavy steps
                           (steps in the top / bottom third of math_share among test steps)
     math_vs_logic         mean whole-problem a_K over the algebraic categories - over Combinatorics
+    math_vs_logic_notation  the same contrast with notation held fixed: partial (Pearson) correlation of
+                          whole-problem a_K with the indicator 1[algebraic], given math_share and the
+                          length in tokens (linear adjustment: ranks would leave a linear confound in)
     complexity            partial Spearman of whole-problem a_K with the number of steps, given the
                           notation density (math_share) and the length in tokens
 
@@ -90,6 +93,14 @@ def pooled_activity(sums, groups: list[list[int]], sets) -> np.ndarray:
     return out
 
 
+def category_given_notation(whole_PS: np.ndarray, is_math_P: np.ndarray, cov_PK: np.ndarray):
+    """Partial (Pearson) correlation of whole-problem activity with 1[algebraic category] given the
+    covariates (notation share, length): ([n_sets] r per set, the chosen set's Correlation with its CI)."""
+    ind = np.asarray(is_math_P, float)
+    rs = np.array([S.partial_correlation(whole_PS[:, j], ind, cov_PK).r for j in range(whole_PS.shape[1])])
+    return rs, S.partial_correlation(whole_PS[:, 0], ind, cov_PK)
+
+
 def _claim(stat_S: np.ndarray, ci: S.CI, extra: dict | None = None) -> dict:
     rank = S.control_percentile(float(stat_S[0]), stat_S[1:])
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "control": rank._asdict(), **(extra or {})}
@@ -150,6 +161,10 @@ def claims(sums, meta: dict, sets: np.ndarray, n_boot: int, seed: int) -> dict:
                 "math_share_logic": float(np.mean([p["share"] for p, m in zip(allp, logic) if m]))})
         steps_n = np.array([p["n_steps"] for p in allp], float)
         cov = np.column_stack([[p["share"] for p in allp], [p["tokens"] for p in allp]])
+        if logic.any() and (~logic).any():
+            rs, pc = category_given_notation(whole, ~logic, cov)
+            out["math_vs_logic_notation"] = _claim(rs, S.CI(pc.r, pc.low, pc.high), {
+                "p": pc.p, "n_problems": pc.n, "covariates": ["math_share", "tokens"]})
         rs = np.array([S.partial_correlation(whole[:, j], steps_n, cov, rank=True).r for j in range(len(sets))])
         pc = S.partial_correlation(whole[:, 0], steps_n, cov, rank=True)
         plain = S.spearman_ci(whole[:, 0], steps_n)

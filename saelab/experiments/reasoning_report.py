@@ -13,6 +13,8 @@ CLAIMS = (
     ("reasoning_vs_prose", "reasoning features exist and differ from prose features",
      "activity on test replies - on test prose (per token)"),
     ("math_vs_logic", "math vs logic", "whole-problem activity, algebraic categories - Combinatorics"),
+    ("math_vs_logic_notation", "math vs logic, notation held fixed",
+     "partial correlation with 1[algebraic] | notation density, length"),
     ("complexity", "activity tracks complexity", "partial Spearman with #steps | notation density, length"),
     ("statement_vs_solution", "(notation-fixed) statement vs its solution", "activity on steps - on statement"),
     ("calc_vs_expl", "calculation vs explanation", "calculation-heavy steps - explanation-heavy steps"),
