@@ -1,0 +1,71 @@
+"""Merge the six per-SAE runs of `saelab experiment reasoning` (docs/reasoning.md): one claims plot
+(2 x 4 panels, one point per SAE) and the markdown tables of the docs.
+
+    python docs/runs/reasoning/combine.py RUNS_DIR OUT_PNG    (RUNS_DIR holds reasoning-L{9,15}_s{0,1,2}/results.json)
+
+Cells: figure [95% cluster-bootstrap CI]; percentile among the matched controls, two-sided
+permutation p = 2 min(p_greater, p_less); the verdict in short.
+"""
+import json
+import sys
+from pathlib import Path
+
+from saelab.experiments.reasoning_report import ANSWER, CLAIMS
+from saelab.plots import figure, save
+
+runs_dir, png = Path(sys.argv[1]), Path(sys.argv[2])
+names = [f"L{L}_s{s}" for L in (9, 15) for s in (0, 1, 2)]
+runs = {n: json.loads((runs_dir / f"reasoning-{n}" / "results.json").read_text())["saes"][0]
+        for n in names if (runs_dir / f"reasoning-{n}" / "results.json").is_file()}
+keys = CLAIMS + ANSWER
+
+
+def claim(s, key):
+    return {**s.get("claims", {}), **s.get("answer", {})}.get(key)
+
+
+fig, axes = figure(14, 6.2, rows=2, cols=4)
+for ax, (key, title, measure) in zip(axes.ravel(), keys):
+    for i, (n, s) in enumerate(runs.items()):
+        c = claim(s, key)
+        if c is None:
+            continue
+        ct = c["control"]
+        ax.plot([i, i], [ct["control_low"], ct["control_high"]], color="grey", lw=6, alpha=0.4)
+        ax.errorbar([i], [c["estimate"]], yerr=[[c["estimate"] - c["low"]], [c["high"] - c["estimate"]]],
+                    fmt="o", color="C3", capsize=3)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xticks(range(len(runs)), [n.replace("_", "\n") for n in runs], fontsize=7)
+    ax.set_title(f"{key}\n{measure}", fontsize=7)
+axes[0, 0].set_ylabel("chosen set (red, 95% CI)\nmatched controls (grey, 2.5-97.5%)", fontsize=7)
+save(fig, png)
+
+
+def short(v):
+    return "supported" if v.startswith("supported") else ("controls too" if v.startswith("effect") else "not supported")
+
+
+for L in (9, 15):
+    cols = [n for n in runs if n.startswith(f"L{L}_")]
+    print(f"\nLayer {L}\n\n| claim | " + " | ".join(c.replace("_", " ") for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for key, title, measure in keys:
+        cells = []
+        for n in cols:
+            c = claim(runs[n], key)
+            if c is None:
+                cells.append("-")
+                continue
+            ct = c["control"]
+            p2 = min(1.0, 2 * min(ct["p_greater"], ct["p_less"]))
+            f = ".2f" if abs(c["estimate"]) >= 0.1 else ".3f"
+            cells.append(f"{c['estimate']:+{f}} [{c['low']:+{f}}, {c['high']:+{f}}]; pct {ct['percentile']:.0f}, "
+                         f"p {p2:.2f}; {short(c['verdict'])}")
+        print(f"| {title} | " + " | ".join(cells) + " |")
+print()
+for n, s in runs.items():
+    a = s.get("answer", {})
+    print(n, "select tokens", s["select_tokens"], "enriched", s["n_reasoning_enriched"], s["n_prose_enriched"],
+          "match", {k: (round(v["chosen"], 2), round(v["controls_mean"], 2)) for k, v in s.get("match", {}).items()},
+          "answer", {k: a[k] for k in ("n_problems", "n_controls", "clean", "exact_ablated", "exact_controls_mean") if k in a},
+          "seconds", round(s["seconds"]), "chosen", [c["feature"] for c in s["chosen"]])
