@@ -91,8 +91,9 @@ class Config:
     """How many of the SAEs (in --sae order) get the answer-level ablation (the slow part)."""
     answer_problems: int = 30
     """Test problems for the answer-level ablation."""
-    answer_controls: int = 20
-    """Matched control sets ablated at the answer level."""
+    answer_controls: int = 40
+    """Matched control sets ablated at the answer level; a two-sided p <= 0.05 needs at least 39
+    (the smallest p with n controls is 2 / (n + 1))."""
     n_boot: int = 1000
     """Bootstrap resamples for every CI."""
     hidden_cache: str | None = None
