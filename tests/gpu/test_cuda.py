@@ -106,6 +106,7 @@ def _nccl_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out: str
         step_(run, x_ND[rank * half:(rank + 1) * half].cuda(rank), lr=3e-3, sparsity_scale=1.0, step=t, world=world)
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in run.sae.state_dict().items()}, out)
+    dist.barrier()  # tear gloo down together: a rank that leaves early can abort the other at shutdown
     dist.destroy_process_group()
 
 
