@@ -34,28 +34,41 @@ def _rows(r: dict):
             yield key, claim, measure, r["answer"][key]
 
 
+def plot_claims(saes: list[dict], labels: list[str], path: Path, cols: int | None = None) -> bool:
+    """One panel per claim present in `saes` (results["saes"] entries): each SAE's estimate and CI
+    (red) over the 2.5-97.5% range of its matched controls (grey), `labels` on the x axis; panels in
+    rows of `cols` (default: one row). Returns False (and writes nothing) when no claim is present."""
+    keyed = [(k, m) for k, _, m in CLAIMS + ANSWER
+             if any(k in {**s.get("claims", {}), **s.get("answer", {})} for s in saes)]
+    if not keyed:
+        return False
+    cols = cols or len(keyed)
+    rows = -(-len(keyed) // cols)
+    fig, axes = figure(3.5 * cols, 3.1 * rows, rows=rows, cols=cols)
+    axes = list(axes.ravel()) if hasattr(axes, "ravel") else [axes]
+    for ax, (k, measure) in zip(axes, keyed):
+        for i, s in enumerate(saes):
+            c = {**s.get("claims", {}), **s.get("answer", {})}.get(k)
+            if c is None:
+                continue
+            ctl = c["control"]
+            ax.plot([i, i], [ctl["control_low"], ctl["control_high"]], color="grey", lw=6, alpha=0.4)
+            ax.errorbar([i], [c["estimate"]], yerr=[[c["estimate"] - c["low"]], [c["high"] - c["estimate"]]],
+                        fmt="o", color="C3", capsize=3)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xticks(range(len(saes)), labels, fontsize=7)
+        ax.set_title(f"{k}\n{measure}", fontsize=7)
+    axes[0].set_ylabel("chosen set (red, 95% CI)\nmatched controls (grey, 2.5-97.5%)", fontsize=7)
+    save(fig, path)
+    return True
+
+
 def write_plots(results: dict, out: Path) -> dict[str, str]:
     """claims.png: each claim's estimate and CI per SAE, with the 95% range of its matched controls."""
     plots: dict[str, str] = {}
     saes = results["saes"]
-    keys = [k for k, *_ in CLAIMS + ANSWER if any(k in {**s.get("claims", {}), **s.get("answer", {})} for s in saes)]
-    if keys:
-        fig, axes = figure(3.2 * len(keys), 3.4, cols=len(keys))
-        axes = list(axes.ravel()) if hasattr(axes, "ravel") else [axes]
-        for ax, k in zip(axes, keys):
-            for i, s in enumerate(saes):
-                c = {**s.get("claims", {}), **s.get("answer", {})}.get(k)
-                if c is None:
-                    continue
-                ctl = c["control"]
-                ax.plot([i, i], [ctl["control_low"], ctl["control_high"]], color="grey", lw=6, alpha=0.4)
-                ax.errorbar([i], [c["estimate"]], yerr=[[c["estimate"] - c["low"]], [c["high"] - c["estimate"]]],
-                            fmt="o", color="C3", capsize=3)
-            ax.axhline(0, color="black", lw=0.5)
-            ax.set_xticks(range(len(saes)), [f"{s['hook'].split('.')[-1]}/{i}" for i, s in enumerate(saes)], fontsize=7)
-            ax.set_title(k, fontsize=8)
-        axes[0].set_ylabel("chosen set (red, 95% CI)\nmatched controls (grey, 2.5-97.5%)", fontsize=8)
-        save(fig, out / "claims.png")
+    labels = [f"{s['hook'].split('.')[-1]}/{i}" for i, s in enumerate(saes)]
+    if plot_claims(saes, labels, out / "claims.png"):
         plots["claims"] = "claims.png"
     plots["report"] = str(out / "report.md")
     return plots

@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from saelab.experiments.reasoning_report import ANSWER, CLAIMS
-from saelab.plots import figure, save
+from saelab.experiments.reasoning_report import ANSWER, CLAIMS, plot_claims
 
 runs_dir, png = Path(sys.argv[1]), Path(sys.argv[2])
 names = [f"L{L}_s{s}" for L in (9, 15) for s in (0, 1, 2)]
@@ -24,21 +23,7 @@ def claim(s, key):
     return {**s.get("claims", {}), **s.get("answer", {})}.get(key)
 
 
-fig, axes = figure(14, 6.2, rows=2, cols=4)
-for ax, (key, title, measure) in zip(axes.ravel(), keys):
-    for i, (n, s) in enumerate(runs.items()):
-        c = claim(s, key)
-        if c is None:
-            continue
-        ct = c["control"]
-        ax.plot([i, i], [ct["control_low"], ct["control_high"]], color="grey", lw=6, alpha=0.4)
-        ax.errorbar([i], [c["estimate"]], yerr=[[c["estimate"] - c["low"]], [c["high"] - c["estimate"]]],
-                    fmt="o", color="C3", capsize=3)
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_xticks(range(len(runs)), [n.replace("_", "\n") for n in runs], fontsize=7)
-    ax.set_title(f"{key}\n{measure}", fontsize=7)
-axes[0, 0].set_ylabel("chosen set (red, 95% CI)\nmatched controls (grey, 2.5-97.5%)", fontsize=7)
-save(fig, png)
+plot_claims(list(runs.values()), [n.replace("_", "\n") for n in runs], png, cols=4)
 
 
 def short(v):
