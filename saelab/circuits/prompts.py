@@ -87,11 +87,12 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return out
 
 
-def write_prompts(path: str | Path, prompts: list[Prompt]) -> Path:
+def write_prompts(path: str | Path, prompts: list[Prompt]) -> list[Prompt]:
+    """`prompts` as JSONL at `path` (read back by `read_prompts`); returns them."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text("".join(json.dumps(q.to_json(), ensure_ascii=False) + "\n" for q in prompts), encoding="utf-8")
-    return p
+    return prompts
 
 
 class Batch(NamedTuple):

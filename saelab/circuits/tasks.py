@@ -88,9 +88,21 @@ def champ_steps(path: str | Path | None = None, n: int = 64, seed: int = 0, max_
     if not p.is_file():
         raise UsageError(f"the champ corpus is not fetched ({p} is missing). Run `saelab corpora fetch champ` "
                          "first (it downloads the champ-dataset package from PyPI).")
+    texts = [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines()]
+    out = step_prompts(texts, n, seed, max_chars)
+    if not out:
+        raise UsageError(f"{p} gave no usable champ step prompts (each needs a number in a step and a prompt "
+                         f"of at most {max_chars} characters).")
+    return out
+
+
+def step_prompts(texts: list[str], n: int = 64, seed: int = 0, max_chars: int = 700) -> list[Prompt]:
+    """The champ task's prompts from solution texts (statement, then one step per line), `n` of them
+    in a seeded order: for each step with a number of at most 4 digits (the first after '=', else
+    the first), the text up to that number, which is the answer. May return fewer than `n`, or none."""
     cands = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        lines = json.loads(line)["text"].split("\n")
+    for text in texts:
+        lines = text.split("\n")
         for i in range(1, len(lines)):
             step = lines[i]
             eq = step.find("=")
@@ -101,11 +113,7 @@ def champ_steps(path: str | Path | None = None, n: int = 64, seed: int = 0, max_
             prompt = "\n".join(lines[:i]) + "\n" + step[:m.start()]
             if len(prompt) <= max_chars and not prompt.endswith(tuple("0123456789")):
                 cands.append(Prompt(prompt, m.group()))
-    rng = random.Random(seed)
-    rng.shuffle(cands)
-    if not cands:
-        raise UsageError(f"{p} gave no usable champ step prompts (each needs a number in a step and a prompt "
-                         f"of at most {max_chars} characters).")
+    random.Random(seed).shuffle(cands)
     return cands[:n]
 
 

@@ -16,6 +16,9 @@ ids (--problems-json: the champ-dataset wheel or v0.json) and a prose corpus:
    answer and of the steps' key tokens, and greedy exactness of the answer, clean / K ablated /
    `answer_controls` matched sets ablated (reasoning_passes).
 
+Also writes circuit-prompts.jsonl: the champ task's step prompts (circuits.tasks.step_prompts) from
+`test` problems only, for `saelab circuit --prompts` on problems the selection never read.
+
 Writes results.json, report.md and PNGs into --out. --dry-run runs everything on a tiny random
 Llama, two tiny SAEs and generated problems in seconds.
 Leaves out: training the SAEs (`saelab collect` + `saelab train`; docs/reasoning.md has the commands).
@@ -36,6 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saelab import statistics as S
+from saelab.circuits.prompts import write_prompts
+from saelab.circuits.tasks import step_prompts
 from saelab.config import group, grouped, to_dict
 from saelab.corpus import resolve_corpus
 from saelab.errors import UsageError, raise_all
@@ -94,6 +99,8 @@ class Config:
     answer_controls: int = 40
     """Matched control sets ablated at the answer level; a two-sided p <= 0.05 needs at least 39
     (the smallest p with n controls is 2 / (n + 1))."""
+    circuit_prompts: int = 64
+    """Step prompts from test problems written to circuit-prompts.jsonl (0: none)."""
     n_boot: int = 1000
     """Bootstrap resamples for every CI."""
     hidden_cache: str | None = None
@@ -279,6 +286,11 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
     resolve_hooks(lm.model, sorted(set(hooks)))
     bos = tokenizer_info(lm.tokenizer)["bos_id"]
     items, kind, cluster, probs, split = build_units(cfg, lm.tokenizer, problems, prose_docs, bos)
+    n_circuit = 0
+    if cfg.circuit_prompts > 0:
+        test = set(split["test_problems"])
+        texts = ["\n".join([p.statement, *p.steps]) for p in problems if p.identifier in test]
+        n_circuit = len(write_prompts(out / "circuit-prompts.jsonl", step_prompts(texts, cfg.circuit_prompts, cfg.seed)))
     log.info("reading %d items (%d units) at %s", len(items), len(kind), sorted(set(hooks)))
     t1 = time.time()
     x, unit_N = cached_hidden_states(cfg, lm, sorted(set(hooks)), items, quiet)
@@ -297,7 +309,8 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
     timings["total_s"] = time.time() - t0
     results = {"experiment": "reasoning", "dry_run": dry_run, "config": to_dict(cfg), "model": lm.info,
                "split": {k: (v if k.endswith("problems") else len(v)) for k, v in split.items()},
-               "units": {k: kind.count(k) for k in sorted(set(kind))}, "saes": per_sae, "timings": timings}
+               "units": {k: kind.count(k) for k in sorted(set(kind))}, "circuit_prompts": n_circuit,
+               "saes": per_sae, "timings": timings}
     results["plots"] = write_plots(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     write_report(results, out / "report.md")

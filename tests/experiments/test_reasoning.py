@@ -208,6 +208,15 @@ def test_dry_run_writes_report_with_controls_and_splits(dry):
             assert c["low"] <= c["estimate"] <= c["high"] or name == "complexity"
     assert "answer" in saved["saes"][0] and "answer" not in saved["saes"][1]
     assert "| calculation vs explanation |" in (out / "report.md").read_text()
+    from saelab.circuits import read_prompts
+
+    prompts = read_prompts(out / "circuit-prompts.jsonl")  # circuit prompts come from test problems only
+    assert len(prompts) == saved["circuit_prompts"] > 0
+    probs = {p.identifier: p for p in load_champ(saved["config"]["problems_json"])}
+    owner = [[i for i, p in probs.items() if q.prompt.startswith(p.statement + "\n")] for q in prompts]
+    assert all(o and set(o) <= set(sp["test_problems"]) for o in owner)
+    for q in prompts:
+        assert q.answer.isdigit() and not q.prompt[-1].isdigit()
     from safetensors.torch import load_file
 
     cache = load_file(str(out / "hidden.safetensors"))  # one row per token in a unit, for the one hook
