@@ -175,14 +175,17 @@ def claims(sums, meta: dict, sets: np.ndarray, n_boot: int, seed: int) -> dict:
     return out
 
 
+def p_two_sided(control: dict) -> float:
+    """Two-sided permutation p of a claim against its matched controls (`control` = ControlRank as dict)."""
+    return min(1.0, 2 * min(control["p_greater"], control["p_less"]))
+
+
 def verdict(claim: dict, alpha: float = 0.05) -> str:
     """'supported' when the CI excludes 0 and the chosen set beats its matched controls (two-sided
     permutation p <= alpha); 'specific to notation-like features, not to this set' when only the
     CI excludes 0; 'not supported' otherwise."""
-    c = claim["control"]
     ci_ok = (claim["low"] > 0 or claim["high"] < 0)
-    p2 = min(1.0, 2 * min(c["p_greater"], c["p_less"]))
-    if ci_ok and p2 <= alpha:
+    if ci_ok and p_two_sided(claim["control"]) <= alpha:
         return "supported (CI excludes 0; beyond matched controls)"
     if ci_ok:
         return "effect present, but matched random features show it too"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saelab.experiments.reasoning_analysis import p_two_sided
 from saelab.plots import figure, save
 
 CLAIMS = (
@@ -63,11 +64,24 @@ def plot_claims(saes: list[dict], labels: list[str], path: Path, cols: int | Non
     return True
 
 
+def short_labels(paths: list[str]) -> list[str]:
+    """What tells the SAE paths apart: the path parts left after the parts every path shares at the
+    start and at the end are dropped (['runs/L9_s0/sae_best', 'runs/L15_s0/sae_best'] -> ['L9_s0', 'L15_s0']);
+    a lone path keeps its last part."""
+    parts = [Path(p).parts or (p,) for p in paths]
+    if len(parts) < 2 or len(set(paths)) < len(paths):
+        return [p[-1] if p else "" for p in parts]
+    n = min(len(p) for p in parts)
+    head = next((i for i in range(n) if len({p[i] for p in parts}) > 1), n)
+    tail = next((i for i in range(n - head) if len({p[-1 - i] for p in parts}) > 1), n - head)
+    return ["/".join(p[head:len(p) - tail]) or p[-1] for p in parts]
+
+
 def write_plots(results: dict, out: Path) -> dict[str, str]:
     """claims.png: each claim's estimate and CI per SAE, with the 95% range of its matched controls."""
     plots: dict[str, str] = {}
     saes = results["saes"]
-    labels = [f"{s['hook'].split('.')[-1]}/{i}" for i, s in enumerate(saes)]
+    labels = short_labels([s["path"] for s in saes])
     if plot_claims(saes, labels, out / "claims.png"):
         plots["claims"] = "claims.png"
     plots["report"] = str(out / "report.md")
@@ -102,12 +116,12 @@ def write_report(results: dict, path: Path) -> None:
                 f"{k} chosen {v['chosen']:.2f}, controls {v['controls_mean']:.2f} +- {v['controls_std']:.2f}"
                 for k, v in s["match"].items()))
             L.append("")
-        L += ["| claim | measure | figure (95% CI) | control percentile (n) | p vs controls (one-sided, >) | verdict |",
+        L += ["| claim | measure | figure (95% CI) | control percentile (n) | p vs controls (two-sided) | verdict |",
               "|---|---|---|---|---|---|"]
         for _, claim, measure, c in _rows(s):
             ct = c["control"]
             L.append(f"| {claim} | {measure} | {_f(c['estimate'])} [{_f(c['low'])}, {_f(c['high'])}] | "
-                     f"{ct['percentile']:.1f} ({ct['n']}) | {ct['p_greater']:.3f} | {c['verdict']} |")
+                     f"{ct['percentile']:.1f} ({ct['n']}) | {p_two_sided(ct):.3f} | {c['verdict']} |")
         a = s.get("answer")
         if a:
             L += ["", f"Answer level on {a['n_problems']} test problems: clean log p(answer) {a['clean']['logp_answer']:.2f}, "

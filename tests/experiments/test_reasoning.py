@@ -232,3 +232,21 @@ def test_cli_needs_problems_json_and_sae(tmp_path, capsys):
     rc = main(["experiment", "reasoning", "--sae", str(tmp_path), "--out", str(tmp_path / "o"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "--problems-json" in err and "Traceback" not in err
+
+
+def test_short_labels_keep_what_tells_paths_apart():
+    from saelab.experiments.reasoning_report import short_labels
+
+    assert short_labels(["runs/L9_s0/sae_best", "runs/L15_s0/sae_best"]) == ["L9_s0", "L15_s0"]
+    assert short_labels(["a/x/sae", "a/y/z/sae"]) == ["x", "y/z"]
+    assert short_labels(["runs/L9_s0/sae_best"]) == ["sae_best"]
+    assert short_labels(["s", "s"]) == ["s", "s"]
+
+
+def test_report_gives_the_two_sided_p_the_verdict_uses(dry):
+    out, res = dry
+    text = (out / "report.md").read_text()
+    assert "p vs controls (two-sided)" in text
+    c = res["saes"][0]["claims"]["reasoning_vs_prose"]
+    row = next(line for line in text.splitlines() if line.startswith("| reasoning features exist"))
+    assert f"| {A.p_two_sided(c['control']):.3f} |" in row

@@ -1,7 +1,8 @@
 """Merge the six per-SAE runs of `saelab experiment reasoning` (docs/reasoning.md): one claims plot
 (2 x 4 panels, one point per SAE) and the markdown tables of the docs.
 
-    python docs/runs/reasoning/combine.py RUNS_DIR OUT_PNG    (RUNS_DIR holds reasoning-L{9,15}_s{0,1,2}/results.json)
+    python docs/runs/reasoning/combine.py RUNS_DIR OUT_PNG    (RUNS_DIR holds reasoning-L{9,15}_s{0,1,2}/results.json;
+    a reasoning200-<run>/results.json beside one replaces its answer level: the same run with 200 controls)
 
 Cells: figure [95% cluster-bootstrap CI]; percentile among the matched controls, two-sided
 permutation p = 2 min(p_greater, p_less); the verdict in short.
@@ -10,12 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+from saelab.experiments.reasoning_analysis import p_two_sided
 from saelab.experiments.reasoning_report import ANSWER, CLAIMS, plot_claims
 
 runs_dir, png = Path(sys.argv[1]), Path(sys.argv[2])
 names = [f"L{L}_s{s}" for L in (9, 15) for s in (0, 1, 2)]
 runs = {n: json.loads((runs_dir / f"reasoning-{n}" / "results.json").read_text())["saes"][0]
         for n in names if (runs_dir / f"reasoning-{n}" / "results.json").is_file()}
+for n in runs:  # the answer level re-run with 200 matched controls, where there is one
+    more = runs_dir / f"reasoning200-{n}" / "results.json"
+    if more.is_file():
+        runs[n]["answer"] = json.loads(more.read_text())["saes"][0]["answer"]
 keys = CLAIMS + ANSWER
 
 
@@ -42,7 +48,7 @@ for L in (9, 15):
                 cells.append("-")
                 continue
             ct = c["control"]
-            p2 = min(1.0, 2 * min(ct["p_greater"], ct["p_less"]))
+            p2 = p_two_sided(ct)
             f = ".2f" if abs(c["estimate"]) >= 0.1 else ".3f"
             cells.append(f"{c['estimate']:+{f}} [{c['low']:+{f}}, {c['high']:+{f}}]; pct {ct['percentile']:.0f}, "
                          f"p {p2:.2f}; {short(c['verdict'])}")
