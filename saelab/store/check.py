@@ -126,6 +126,9 @@ def verify_store(path: str | Path, check_hash: bool = True) -> VerifyReport:
         m = _SHARD_RE.match(p.name)
         if p.is_dir() and (not m or int(m.group(1)) >= rep.num_shards):
             rep.problems.append(Problem(p.name, f"unexpected directory (the store has {rep.num_shards} shards)"))
+        elif is_tmp_name(p.name) and not p.is_dir():
+            rep.problems.append(Problem(p.name, f"left over from an interrupted write of {STORE_JSON} (no reader looks "
+                                        f"at it); delete it unless a collect is creating this store right now"))
     for shard in range(rep.num_shards):
         _verify_shard(root, meta, shard, rep, check_hash)
     return rep

@@ -76,11 +76,16 @@ def test_leftover_and_missing_files(tmp_path):
     (tmp_path / "shard_00000" / "chunk_000001.tokens.npy.tmp").write_bytes(b"x")
     (tmp_path / BAD).unlink()
     (tmp_path / "shard_00007").mkdir()
+    for stray in ("store.json.tmp", "store.json.host.123.tmp", "store.json.tmp-" + "0f" * 16):
+        (tmp_path / stray).write_bytes(b"{}")
     rep = verify_store(tmp_path)
     msgs = {p.file: p.message for p in rep.problems}
     assert "not listed" in msgs["shard_00000/chunk_000001.tokens.npy.tmp"]
     assert "missing" in msgs[BAD]
     assert "unexpected directory" in msgs["shard_00007"]
+    for stray in ("store.json.tmp", "store.json.host.123.tmp", "store.json.tmp-" + "0f" * 16):
+        assert "interrupted write of store.json" in msgs[stray]
+    assert "store.json" not in msgs
 
 
 def test_not_a_store(tmp_path):

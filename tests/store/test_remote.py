@@ -202,6 +202,8 @@ def test_a_store_copied_to_a_bucket_verifies_and_interprets_as_the_local_one(s3,
                      [[(e.index, e.value, e.context_ids) for e in ex[f]["top"]] for f in (0, 1, 2)])
     assert torch.equal(out["local"][0], out["s3"][0]) and torch.equal(out["local"][1], out["s3"][1])
     assert out["local"][2] == out["s3"][2] and out["s3"][2][0], "no examples to compare"
+    s3.pipe_file(url.removeprefix("s3://") + "/store.json.tmp-" + "ab" * 16, b"{}")  # a failed upload's key
+    assert main(["verify", url]) == 1
 
 
 # ------------------------------------------------------------------------------ faults
