@@ -73,6 +73,8 @@ def run_demo(cfg: DemoConfig, quiet: bool = False) -> dict[str, Path]:
     alive = (res.stats.count_F > 0).nonzero().flatten()
     order = res.stats.frequency_F[alive].argsort(descending=True)
     feats = sorted(alive[order][: cfg.dashboard_features].tolist())
+    # built before autointerp (minutes with the embedded explainer) so that an interrupted demo still
+    # leaves a page; demo_autointerp rewrites it with the explanations
     outputs["dashboard"] = build_dashboard(sae, st, hook, res, feats, out / "dashboard.html",
                                            sae_name="demo TopK SAE")
     from saelab.interpret.autointerp import demo_autointerp  # explain 6 of them; the dashboard shows it

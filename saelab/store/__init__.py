@@ -7,6 +7,7 @@
 Modules, one job each:
   format.py   names, identity fields, atomic file writes, JSON and hash helpers (no state)
   writer.py   `ShardWriter`: one process per shard, flock'd, resumable, atomic chunk commits
+  chunk.py    `ChunkBuilder`: one chunk's files written batch by batch, fp16 with overflow/NaN counts, row norms
   reader.py   `load_store(path) -> ActivationStore`: checked memory-mapped reads, the train/val split
   batches.py  `BatchIterator`: shuffled, resumable float32 batches across chunks
   lock.py     one writer per shard (flock; the lock file names pid and host), `preflight` checks
@@ -26,7 +27,8 @@ from saelab.store.format import (
     chunk_file_name, hook_key, read_json, sha256_file, shard_dir_name,
 )
 from saelab.store.reader import ActivationStore, ChunkInfo, Split, check_file, load_store, unit_hash
-from saelab.store.writer import ChunkBuilder, ShardWriter, to_fp16
+from saelab.store.chunk import ChunkBuilder, to_fp16
+from saelab.store.writer import ShardWriter
 
 __all__ = [
     "FORMAT_VERSION", "FP16_MAX", "IDENTITY_FIELDS", "MANIFEST_JSON", "SEQPOS", "STORE_JSON", "TOKENS",

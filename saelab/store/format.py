@@ -1,6 +1,6 @@
 """The activation store's on-disk format: names, manifests, checksums and safe file writes.
 
-Shared by the writer (store_writer.py), the reader (store.py) and the checker (store_check.py);
+Shared by the writer (writer.py, chunk.py), the reader (reader.py) and the checker (check.py);
 it holds no state and reads no arrays. Layout (docs/architecture.md, "The activation store"):
 
     STORE/store.json                                run manifest, written once by the first writer
