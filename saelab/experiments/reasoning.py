@@ -208,15 +208,19 @@ def _nanmean(x, axis=None):
         return np.where(ok, x, 0.0).sum(axis) / ok.sum(axis)
 
 
-def answer_claims(cfg: Config, lm, sae, hook: str, problems, test_ids, sets, quiet: bool) -> dict:
-    """Step 3: answer-level scores, clean vs chosen vs matched controls."""
+def answer_claims(cfg: Config, lm, sae, hook: str, problems, test_ids, sets, quiet: bool,
+                  out: Path | None = None, sae_index: int = 0) -> dict:
+    """Step 3: answer-level scores, clean vs chosen vs matched controls (checkpointed per problem in
+    out/answer-<sae_index>.safetensors: re-running the same command continues an interrupted pass)."""
     by_id = {p.identifier: p for p in problems}
     pick = _sample([by_id[i] for i in test_ids if by_id[i].answer.strip()], cfg.answer_problems, random.Random(cfg.seed))
     items = P.answer_items(lm.tokenizer, pick, cfg.problem_max_length)
     if not items:
         return {}
     ab_sets = [[]] + [list(map(int, s)) for s in sets[: 1 + cfg.answer_controls]]
-    sc = P.answer_level(lm.model, sae, hook, items, ab_sets, cfg.batch_size, quiet)  # [N, 2 + C, 3]
+    ckpt = Path(out) / f"answer-{sae_index}.safetensors" if out is not None else None
+    key = P.answer_key(str(lm.info.get("sha256") or lm.info.get("spec")), sae, hook, items, ab_sets)
+    sc = P.answer_level(lm.model, sae, hook, items, ab_sets, cfg.batch_size, quiet, ckpt, key)  # [N, 2 + C, 3]
     out = {"n_problems": len(items), "n_controls": len(ab_sets) - 2,
            "clean": {"logp_answer": float(sc[:, 0, 0].mean()), "logp_key": float(_nanmean(sc[:, 0, 1])),
                      "exact": float(sc[:, 0, 2].mean())}}
@@ -302,7 +306,7 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
         r = analyse_sae(cfg, s, sums, kind, cluster, probs)
         sets = r.pop("_sets", None)
         if sets is not None and i < cfg.answer_saes and cfg.answer_problems > 0:
-            r["answer"] = answer_claims(cfg, lm, s, h, problems, split["test_problems"], sets, quiet)
+            r["answer"] = answer_claims(cfg, lm, s, h, problems, split["test_problems"], sets, quiet, out, i)
         r.update({"path": p, "hook": h, "d_sae": int(s.W_dec_FD.shape[0]), "architecture": s.cfg.architecture,
                   "seconds": time.time() - t2})
         per_sae.append(r)

@@ -20,10 +20,15 @@ An ablation of set K at the SAE's hook (error term kept, BOS left alone):
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saelab.models import capture, splice
@@ -194,7 +199,37 @@ def answer_scores(model, sae, hook: str, item: AnswerItem, sets: list[list[int]]
     return np.array(out)
 
 
-def answer_level(model, sae, hook: str, items, sets: list[list[int]], batch_size: int, quiet: bool = True) -> np.ndarray:
-    """[n_problems, len(sets), 3] scores (see `answer_scores`)."""
-    return np.stack([answer_scores(model, sae, hook, it, sets, batch_size)
-                     for _, it in tqdm(items, desc="answer level", disable=quiet, dynamic_ncols=True)])
+def answer_key(model_id: str, sae, hook: str, items, sets: list[list[int]]) -> str:
+    """What the answer-level scores depend on: the model, the SAE's weights, the hook, the token ids
+    and positions of every problem, and the ablation sets (a checkpoint is reused only on a match)."""
+    h = hashlib.sha256(f"{model_id}|{hook}|{json.dumps([list(map(int, s)) for s in sets])}".encode())
+    for t in sae.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for _, it in items:
+        for a in (it.ids, it.answer_pos, it.key_pos):
+            h.update(np.asarray(a, np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def answer_level(model, sae, hook: str, items, sets: list[list[int]], batch_size: int, quiet: bool = True,
+                 checkpoint: str | Path | None = None, key: str = "") -> np.ndarray:
+    """[n_problems, len(sets), 3] scores (see `answer_scores`).
+
+    With `checkpoint` (a .safetensors path), the scores of the problems done so far are saved there
+    after each problem, with `key` (`answer_key`); a run that finds a checkpoint with the same key
+    starts after its last problem, so an interrupted run continues instead of starting over."""
+    done: list[np.ndarray] = []
+    path = Path(checkpoint) if checkpoint else None
+    if path is not None and path.is_file():
+        t = load_file(str(path))
+        if bytes(t["key"].tolist()).decode() == key and t["scores"].shape[1:] == (len(sets), 3):
+            done = list(t["scores"].numpy()[:len(items)])
+    for _, it in tqdm(items[len(done):], desc="answer level", disable=quiet, dynamic_ncols=True,
+                      initial=len(done), total=len(items)):
+        done.append(answer_scores(model, sae, hook, it, sets, batch_size))
+        if path is not None:
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({"scores": torch.from_numpy(np.stack(done)),
+                       "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(tmp))
+            os.replace(tmp, path)
+    return np.stack(done)

@@ -250,3 +250,36 @@ def test_report_gives_the_two_sided_p_the_verdict_uses(dry):
     c = res["saes"][0]["claims"]["reasoning_vs_prose"]
     row = next(line for line in text.splitlines() if line.startswith("| reasoning features exist"))
     assert f"| {A.p_two_sided(c['control']):.3f} |" in row
+
+
+def test_answer_level_continues_from_its_checkpoint(dry, tmp_path):
+    """A checkpoint with the same key is read (its rows are not recomputed) and the pass goes on from
+    there; one made for other sets is ignored. The dry run leaves one per answer-level SAE."""
+    from safetensors.torch import load_file, save_file
+
+    from saelab.models import load_model
+    from saelab.saes import load_sae
+
+    out, res = dry
+    assert (out / "answer-0.safetensors").is_file()
+    lm = load_model(res["config"]["model"], quiet=True)
+    sae = load_sae(res["config"]["sae"].split(",")[0])
+    hook = sae.metadata["hook"]
+    items = P.answer_items(lm.tokenizer, load_champ(res["config"]["problems_json"])[:12], 128)[:3]
+    sets = [[], [1, 2], [5]]
+    key = P.answer_key("m", sae, hook, items, sets)
+    ck = tmp_path / "answer.safetensors"
+    full = P.answer_level(lm.model, sae, hook, items, sets, 3, checkpoint=ck, key=key)
+    assert full.shape == (len(items), 3, 3) and len(items) >= 2
+    np.testing.assert_array_equal(load_file(str(ck))["scores"].numpy(), full)
+    # an interrupted run: only the first problem done, its row marked so a recomputation would show
+    marked = full[:1].copy()
+    marked[0, :, 0] = 123.0
+    save_file({"scores": torch.from_numpy(marked), "key": load_file(str(ck))["key"]}, str(ck))
+    again = P.answer_level(lm.model, sae, hook, items, sets, 3, checkpoint=ck, key=key)
+    assert (again[0, :, 0] == 123.0).all()
+    np.testing.assert_allclose(again[1:], full[1:], rtol=1e-5, atol=1e-5)
+    other = P.answer_key("m", sae, hook, items, [[], [1, 2], [6]])
+    assert other != key
+    fresh = P.answer_level(lm.model, sae, hook, items, [[], [1, 2], [6]], 3, checkpoint=ck, key=other)
+    assert (fresh[0, :, 0] != 123.0).all()
