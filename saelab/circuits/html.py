@@ -15,7 +15,6 @@ a store was given, its top activating examples from the store (as the dashboard 
 """
 from __future__ import annotations
 
-import html
 import logging
 from importlib import resources
 from pathlib import Path
@@ -24,12 +23,10 @@ from saelab.circuits.circuit import Circuit
 from saelab.interpret import (
     PassConfig, check_pair, feature_examples, load_or_compute_stats, safe_json, token_texts, write_html,
 )
+from saelab.interpret.dashboard import fill_page
 from saelab.store import load_store
 
 log = logging.getLogger(__name__)
-
-_DATA_MARK = "<!--__SAELAB_DATA__-->"
-_TITLE_MARK = "__SAELAB_TITLE__"
 
 
 def node_examples(circuit: Circuit, saes, store_path, top_k: int = 5, context: int = 6,
@@ -76,10 +73,7 @@ def render_page(circuit: Circuit, tokenizer=None, examples: dict[str, list] | No
     blocks = page_data(circuit, tokenizer, examples, title)
     parts = [f'<script type="application/json" id="{k}">{safe_json(v)}</script>' for k, v in blocks.items()]
     page = resources.files("saelab.circuits").joinpath("templates/circuit.html").read_text(encoding="utf-8")
-    assert page.count(_DATA_MARK) == 1, "circuit template must hold the data marker exactly once"
-    page = page.replace(_TITLE_MARK, html.escape(blocks["saelab-circuit"]["title"]), 1)
-    head, tail = page.split(_DATA_MARK)
-    return head + "\n".join(parts) + tail
+    return fill_page(page, blocks["saelab-circuit"]["title"], parts, "circuit")
 
 
 def write_page(path, circuit: Circuit, tokenizer=None, examples: dict[str, list] | None = None,

@@ -7,7 +7,8 @@ validation chunks and steps, and starts from the same random rows outside its da
                encoder {random, tied} x dedup {none, cos_cap 0.5} x fraction {10%, 50%} (h = 2 d_sae)
     dead       ReLU + L1 with a high coefficient, x8, no AuxK and no resampling (a regime with many
                dead latents); baseline, rkcnn {5, 10, 25}% x dedup {none, cos_cap}, and the 10%
-               controls data_rows, kmeans, pca
+               controls data_rows, kmeans, pca. `--dead-architecture topk`: the same arms with TopK
+               (k, AuxK off), for wide SAEs (--expansion 32-64) where latents die without AuxK
     faithful   the RkCNN seed's phase 2: ReLU + L1 with the seed's λ = 1e-3 in its units, unit-norm
                decoder, unweighted L1, untied random encoder, b_dec = 0, Adam 1e-3 without warm-up or
                decay, x8, batch 256, 10k steps; baseline and rkcnn (fraction 0.5 capped at h = 600,
@@ -73,6 +74,8 @@ class Config:
     """Hook point to train on."""
     plan: Literal["factorial", "dead", "faithful"] = "factorial"
     """Which arms (module docstring)."""
+    dead_architecture: Literal["relu", "topk"] = "relu"
+    """Architecture of the dead plan's arms: ReLU + L1, or TopK with AuxK off."""
     arms: str = ""
     """Comma-separated arm names to run (default: all of the plan's; baselines always run)."""
     seeds: int = 5
@@ -119,7 +122,7 @@ class Config:
                                             if getattr(self, k) is None and v is not None})
 
 
-def arms_of(plan: str) -> dict[str, dict]:
+def arms_of(plan: str, dead_architecture: str = "relu") -> dict[str, dict]:
     """Arm name -> {architecture, init, fraction, options}; baselines are "baseline-ARCH"."""
     arms: dict[str, dict] = {}
     if plan == "factorial":
@@ -132,13 +135,14 @@ def arms_of(plan: str) -> dict[str, dict]:
                             architecture=arch, init="rkcnn", fraction=frac,
                             options={"init_encoder": enc, "dedup": dedup, "orient": "heavy_tail" if enc == "tied" else "none"})
     elif plan == "dead":
-        arms["baseline-relu"] = dict(architecture="relu", init="random")
+        a = dead_architecture
+        arms[f"baseline-{a}"] = dict(architecture=a, init="random")
         for frac in (0.05, 0.1, 0.25):
             for dedup in ("none", "cos_cap"):
-                arms[f"rkcnn-{dedup}-{int(100 * frac)}"] = dict(architecture="relu", init="rkcnn", fraction=frac,
+                arms[f"rkcnn-{dedup}-{int(100 * frac)}"] = dict(architecture=a, init="rkcnn", fraction=frac,
                                                                 options={"dedup": dedup})
         for kind in ("data_rows", "kmeans", "pca"):
-            arms[f"{kind}-10"] = dict(architecture="relu", init=kind, fraction=0.1, options={})
+            arms[f"{kind}-10"] = dict(architecture=a, init=kind, fraction=0.1, options={})
     else:
         arms["baseline-relu"] = dict(architecture="relu", init="random")
         arms["rkcnn-seed"] = dict(architecture="relu", init="rkcnn", fraction=0.5, options={})
@@ -159,6 +163,8 @@ def train_config(cfg: Config, store: str, d_in: int, arm: dict, seed: int, out: 
     sae_options, l1 = {}, cfg.l1_coeff
     if arm["architecture"] == "relu" and cfg.plan in ("dead", "faithful"):
         sae_options = {"normalize_decoder": True, "l1_weighted": False}
+    if arm["architecture"] == "topk" and cfg.plan == "dead":
+        sae_options = {"aux_k": 0}  # no AuxK: nothing revives a dead latent
     if cfg.plan == "faithful":
         sae_options.update(init_enc_from_dec=False, b_dec_init="zeros")
         l1 = SEED_LAMBDA * d_in / d_sae * input_scale
@@ -291,7 +297,7 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
         store_path = cfg.data
     d_in = rc.check_hook(store_path, cfg.hook)
     store = load_store(store_path)
-    arms = arms_of(cfg.plan)
+    arms = arms_of(cfg.plan, cfg.dead_architecture)
     if cfg.arms:
         wanted = {a.strip() for a in cfg.arms.split(",") if a.strip()}
         unknown = sorted(wanted - set(arms))

@@ -180,8 +180,22 @@ def _autointerp_json(rec: dict) -> dict:
                          "scores": _task_scores(sh.get("scores"))} if sh else None}
 
 
+_COMMON_MARK = "  /*__SAELAB_COMMON_JS__*/\n"
+
+
 def _template() -> str:
     return resources.files("saelab.interpret").joinpath("templates/dashboard.html").read_text(encoding="utf-8")
+
+
+def fill_page(template: str, title: str, parts: list[str], name: str = "page") -> str:
+    """A page template with its shared script helpers (templates/common.js), its escaped title and
+    its data blocks `parts` put in at their markers (each marker must be there exactly once)."""
+    for mark in (_COMMON_MARK, _DATA_MARK):
+        assert template.count(mark) == 1, f"{name} template must hold {mark.strip()!r} exactly once"
+    common = resources.files("saelab.interpret").joinpath("templates/common.js").read_text(encoding="utf-8")
+    page = template.replace(_COMMON_MARK, common, 1).replace(_TITLE_MARK, html.escape(title), 1)
+    head, tail = page.split(_DATA_MARK)
+    return head + "\n".join(parts) + tail
 
 
 def render_html(data: DashboardData) -> str:
@@ -191,11 +205,7 @@ def render_html(data: DashboardData) -> str:
              f'<script type="application/json" id="saelab-vocab">{safe_json(data.vocab)}</script>']
     parts += [f'<script type="application/json" id="fd-{int(f)}">{safe_json(d)}</script>'
               for f, d in data.details.items()]
-    page = _template()
-    assert page.count(_DATA_MARK) == 1, "dashboard template must hold the data marker exactly once"
-    page = page.replace(_TITLE_MARK, html.escape(data.meta["title"]), 1)
-    head, tail = page.split(_DATA_MARK)
-    return head + "\n".join(parts) + tail
+    return fill_page(_template(), data.meta["title"], parts, "dashboard")
 
 
 def write_html(path: str | Path, page: str) -> Path:

@@ -76,6 +76,15 @@ def test_factorial_has_every_cell():
     assert arms["topk-tied-cos_cap-50"]["options"] == {"init_encoder": "tied", "dedup": "cos_cap", "orient": "heavy_tail"}
 
 
+def test_dead_plan_with_topk_turns_auxk_off(store, tmp_path):
+    cfg = ra.Config(data=str(store), hook=HOOK, plan="dead", dead_architecture="topk", expansion=32).resolved()
+    arms = ra.arms_of("dead", "topk")
+    assert {a["architecture"] for a in arms.values()} == {"topk"} and "baseline-topk" in arms
+    assert set(arms) - {"baseline-topk"} == set(ra.arms_of("dead")) - {"baseline-relu"}
+    t = ra.train_config(cfg, str(store), 16, arms["rkcnn-none-10"], 0, tmp_path, input_scale=1.0)
+    assert t.sae_options == {"aux_k": 0} and t.k == [32] and t.l1_coeff is None and t.d_sae == 32 * 16
+
+
 def test_dry_run_writes_results_and_reuses_saved_runs(tmp_path, capsys):
     argv = ["experiment", "rkcnn-arms", "--dry-run", "--plan", "dead", "--arms", "rkcnn-none-10", "--out",
             str(tmp_path), "-q"]
