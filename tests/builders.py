@@ -22,6 +22,7 @@ SAEs
 Autointerp and the browser
     planted_words(tmp_path)            # store + relu-identity SAE where feature j fires on exactly one word
     chromium(tmp_path, url, "--dump-dom")   # Debian's headless chromium (CHROMIUM), stdout
+    dom = PageDom(); dom.feed(html)    # what the dashboard / circuit page rendered: root, imgs, examples, labels
 Planted dictionaries and a short training loop
     data = PlantedDictionary(n_features=512, d=64, active=5, seed=0); x_BD = data.sample(1024)
     train_sae(sae, data, steps=2000); recovered_fraction(sae.W_dec_FD, data.dirs_FD)
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import random
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -429,3 +431,64 @@ def chromium(tmp_path: Path, url: str, *extra: str) -> str:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+class PageDom(HTMLParser):
+    """What a saelab page (dashboard or circuit) rendered, read from chromium's --dump-dom: the
+    <html> and <body> attributes, every <img>, each example div (value, tokens, their data-act
+    values, the centre token's position, data-index if set, and the id of the nearest enclosing
+    div that has one) and the text of each position label (an SVG <text class="poslabel">, up to
+    its <title> tooltip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.root, self.body, self.imgs, self.examples, self.labels = {}, {}, [], [], []
+        self._divs: list[str | None] = []
+        self._text = self._kind = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        cls = (a.get("class") or "").split()
+        if tag == "html":
+            self.root = a
+        elif tag == "body":
+            self.body = a
+        elif tag == "img":
+            self.imgs.append(a)
+        elif tag == "div":
+            if "ex" in cls:
+                index = a.get("data-index")
+                self.examples.append({"index": None if index is None else int(index), "value": None, "tokens": [],
+                                      "acts": [], "center": None,
+                                      "section": next((d for d in reversed(self._divs) if d), None)})
+            self._divs.append(a.get("id"))
+        elif tag == "span" and "tok" in cls:
+            ex = self.examples[-1]
+            if "center" in cls:
+                ex["center"] = len(ex["tokens"])
+            ex["acts"].append(float(a["data-act"]))
+            self._text, self._kind = "", "tok"
+        elif tag == "span" and "val" in cls:
+            self._text, self._kind = "", "val"
+        elif tag == "text" and "poslabel" in cls:
+            self._text, self._kind = "", "label"
+        elif tag == "title" and self._kind == "label":  # the label's text ends where its tooltip starts
+            self.labels.append(self._text)
+            self._text = self._kind = None
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self._divs:
+            self._divs.pop()
+        if self._kind == "tok" and tag == "span":
+            self.examples[-1]["tokens"].append(self._text)
+        elif self._kind == "val" and tag == "span":
+            self.examples[-1]["value"] = self._text
+        elif self._kind == "label" and tag == "text":
+            self.labels.append(self._text)
+        else:
+            return
+        self._text = self._kind = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text += data

@@ -7,7 +7,6 @@ hostile strings appear as text, no script error was recorded (<html data-errors>
 ran (<html data-pwned>), no <img> came from a token; and the data blocks hold no raw `<`.
 """
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -15,57 +14,8 @@ import pytest
 
 from saelab.circuits.circuit import Circuit
 from saelab.circuits.html import node_examples, render_page, write_page
-from tests.builders import CHROMIUM, HOSTILE, chromium, hostile_tokenizer, relu_identity_sae, write_store
+from tests.builders import CHROMIUM, HOSTILE, PageDom, chromium, hostile_tokenizer, relu_identity_sae, write_store
 from tests.builders import HOSTILE_VOCAB as VOCAB
-
-class Dom(HTMLParser):
-    """Root and body attributes, <img> tags, position labels, and each example's tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.root, self.body, self.imgs, self.labels, self.examples = {}, {}, [], [], []
-        self._text = None
-        self._kind = None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        cls = (a.get("class") or "").split()
-        if tag == "html":
-            self.root = a
-        elif tag == "body":
-            self.body = a
-        elif tag == "img":
-            self.imgs.append(a)
-        elif tag == "div" and "ex" in cls:
-            self.examples.append({"value": None, "tokens": [], "acts": [], "center": None})
-        elif tag == "span" and "tok" in cls:
-            ex = self.examples[-1]
-            if "center" in cls:
-                ex["center"] = len(ex["tokens"])
-            ex["acts"].append(float(a["data-act"]))
-            self._text, self._kind = "", "tok"
-        elif tag == "span" and "val" in cls:
-            self._text, self._kind = "", "val"
-        elif tag == "text" and "poslabel" in cls:
-            self._text, self._kind = "", "label"
-        elif tag == "title" and self._kind == "label":  # the label's text ends where its tooltip starts
-            self.labels.append(self._text)
-            self._text = self._kind = None
-
-    def handle_endtag(self, tag):
-        if self._kind == "tok" and tag == "span":
-            self.examples[-1]["tokens"].append(self._text)
-        elif self._kind == "val" and tag == "span":
-            self.examples[-1]["value"] = self._text
-        elif self._kind == "label" and tag == "text":
-            self.labels.append(self._text)
-        else:
-            return
-        self._text = self._kind = None
-
-    def handle_data(self, data):
-        if self._text is not None:
-            self._text += data
 
 
 def _circuit() -> Circuit:
@@ -121,7 +71,7 @@ def test_circuit_page_in_headless_chromium(store_and_sae, tmp_path):
     circuit = _circuit()
     examples = node_examples(circuit, [sae], store, top_k=3, context=2)
     page = write_page(tmp_path / "circuit.html", circuit, tok, examples, title=HOSTILE[0])
-    dom = Dom()
+    dom = PageDom()
     dom.feed(chromium(tmp_path, page.as_uri() + "#node=0:2:1", "--dump-dom"))
 
     assert dom.root.get("data-errors") == "", dom.root.get("data-errors")

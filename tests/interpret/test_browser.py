@@ -8,14 +8,13 @@ screenshot PNG is saved (tmp_path/dashboard.png; SAELAB_SCREENSHOT=path keeps a 
 """
 import os
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from saelab.cli import main
-from tests.builders import CHROMIUM, HOSTILE, HOSTILE_VOCAB, chromium
+from tests.builders import CHROMIUM, HOSTILE, HOSTILE_VOCAB, PageDom, chromium
 
 pytestmark = [
     pytest.mark.browser,
@@ -25,59 +24,6 @@ pytestmark = [
 ]
 
 
-class DomReader(HTMLParser):
-    """Collects the root's attributes, every <img>, and each example div's value and tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.root, self.body, self.imgs, self.examples = {}, {}, [], []
-        self._stack, self._tok, self._val = [], None, None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        cls = (a.get("class") or "").split()
-        if tag == "html":
-            self.root = a
-        elif tag == "body":
-            self.body = a
-        elif tag == "img":
-            self.imgs.append(a)
-        if tag == "div" and "ex" in cls:
-            self.examples.append({"index": int(a["data-index"]), "value": None, "tokens": [], "acts": [],
-                                  "center": None, "section": self._section()})
-        if tag == "div" and a.get("id"):
-            self._stack.append(a["id"])
-        elif tag == "div":
-            self._stack.append(None)
-        if tag == "span" and "tok" in cls:
-            ex = self.examples[-1]
-            if "center" in cls:
-                ex["center"] = len(ex["tokens"])
-            ex["acts"].append(float(a["data-act"]))
-            self._tok = ""
-        elif tag == "span" and "val" in cls:
-            self._val = ""
-
-    def _section(self):
-        return next((s for s in reversed(self._stack) if s), None)
-
-    def handle_endtag(self, tag):
-        if tag == "div" and self._stack:
-            self._stack.pop()
-        if tag == "span" and self._tok is not None:
-            self.examples[-1]["tokens"].append(self._tok)
-            self._tok = None
-        elif tag == "span" and self._val is not None:
-            self.examples[-1]["value"] = self._val
-            self._val = None
-
-    def handle_data(self, data):
-        if self._tok is not None:
-            self._tok += data
-        elif self._val is not None:
-            self._val += data
-
-
 def test_dashboard_in_headless_chromium(crafted, tmp_path):
     c = crafted
     page = tmp_path / "dashboard.html"
@@ -85,7 +31,7 @@ def test_dashboard_in_headless_chromium(crafted, tmp_path):
                "--context", "3", "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert rc == 0 and page.is_file()
     url = page.as_uri() + "#feature=1"
-    dom = DomReader()
+    dom = PageDom()
     dom.feed(chromium(tmp_path, url, "--dump-dom"))
 
     assert dom.root.get("data-errors") == "", dom.root.get("data-errors")
