@@ -79,7 +79,10 @@ class Config:
     arms: str = ""
     """Comma-separated arm names to run (default: all of the plan's; baselines always run)."""
     seeds: int = 5
-    """Seeds 0 .. seeds-1."""
+    """Seeds first_seed .. first_seed + seeds - 1."""
+    first_seed: int = 0
+    """First seed: processes given disjoint seed ranges and the same --out can run side by side; a
+    last run over all seeds then reuses every saved row and summarises them together."""
     steps: int | None = None
     """Optimizer steps per SAE (plan default: factorial 200, dead 400, faithful 10000); 0: measure at step 0 only."""
     batch_size: int = 256
@@ -109,6 +112,8 @@ class Config:
         p = []
         if self.seeds < 2:
             p.append(f"seeds={self.seeds}: need at least 2 for an interval")
+        if self.first_seed < 0:
+            p.append(f"first_seed must be >= 0, got {self.first_seed}")
         for name in ("batch_size", "eval_tokens", "dead_tokens", "init_tokens", "k"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -309,7 +314,7 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
     x_ND = td.StoreSource(sample_cfg).init_sample(sample_cfg)
     input_scale = math.sqrt(d_in / float(x_ND.float().pow(2).sum(1).mean()))
     rows = []
-    jobs = [(seed, name) for seed in range(cfg.seeds) for name in arms]
+    jobs = [(seed, name) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for name in arms]
     with rc.threads(1 if dry_run else None):
         for seed, name in tqdm(jobs, desc="rkcnn-arms", unit="run", disable=quiet):
             run_dir = out / "runs" / f"{name}_s{seed}"

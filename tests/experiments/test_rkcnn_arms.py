@@ -101,6 +101,14 @@ def test_dry_run_writes_results_and_reuses_saved_runs(tmp_path, capsys):
     assert main(argv) == 0  # every run is reused: same rows
     assert json.loads((tmp_path / "results.json").read_text())["per_run"] == res["per_run"]
     assert main(["experiment", "rkcnn-arms", "--dry-run", "--arms", "nope", "--out", str(tmp_path / "x")]) == 2
+    # seeds 2-3 in a process of their own (a dry run has 2 seeds); a run over seeds 1-2 then reuses the
+    # rows of both processes
+    assert main(argv + ["--first-seed", "2"]) == 0
+    side = json.loads((tmp_path / "results.json").read_text())["per_run"]
+    assert sorted({r["seed"] for r in side}) == [2, 3]
+    assert main(argv + ["--first-seed", "1"]) == 0
+    both = json.loads((tmp_path / "results.json").read_text())["per_run"]
+    assert both == [r for r in res["per_run"] if r["seed"] == 1] + [r for r in side if r["seed"] == 2]
 
 
 def test_store_pass_counts_dead_latents_and_the_seeds_ev(store):
