@@ -50,7 +50,8 @@ for L in (9, 15):
             ct = c["control"]
             p2 = p_two_sided(ct)
             f = ".2f" if abs(c["estimate"]) >= 0.1 else ".3f"
-            cells.append(f"{c['estimate']:+{f}} [{c['low']:+{f}}, {c['high']:+{f}}]; pct {ct['percentile']:.0f}, "
+            pct = f"{ct['percentile']:.1f}".removesuffix(".0")
+            cells.append(f"{c['estimate']:+{f}} [{c['low']:+{f}}, {c['high']:+{f}}]; pct {pct}, "
                          f"p {p2:.2f}; {short(c['verdict'])}")
         print(f"| {title} | " + " | ".join(cells) + " |")
 print()
