@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +25,6 @@ from saelab.store.format import (
     outlier_flags, sha256_file,
 )
 from saelab.store.remote import RemotePath, upload_atomic
-
-if TYPE_CHECKING:
-    from saelab.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +95,7 @@ class ChunkBuilder:
     does all three for a chunk held in memory.
     """
 
-    def __init__(self, writer: ShardWriter, index: int):
+    def __init__(self, writer, index: int):  # writer: the ShardWriter (writer.py) that began this chunk
         self.writer, self.index = writer, index
         d, hooks = writer.shard_dir, writer.hooks
         sp = writer.spool
