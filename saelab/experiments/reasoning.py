@@ -209,16 +209,16 @@ def _nanmean(x, axis=None):
 
 
 def answer_claims(cfg: Config, lm, sae, hook: str, problems, test_ids, sets, quiet: bool,
-                  out: Path | None = None, sae_index: int = 0) -> dict:
+                  out_dir: Path | None = None, sae_index: int = 0) -> dict:
     """Step 3: answer-level scores, clean vs chosen vs matched controls (checkpointed per problem in
-    out/answer-<sae_index>.safetensors: re-running the same command continues an interrupted pass)."""
+    out_dir/answer-<sae_index>.safetensors: re-running the same command continues an interrupted pass)."""
     by_id = {p.identifier: p for p in problems}
     pick = _sample([by_id[i] for i in test_ids if by_id[i].answer.strip()], cfg.answer_problems, random.Random(cfg.seed))
     items = P.answer_items(lm.tokenizer, pick, cfg.problem_max_length)
     if not items:
         return {}
     ab_sets = [[]] + [list(map(int, s)) for s in sets[: 1 + cfg.answer_controls]]
-    ckpt = Path(out) / f"answer-{sae_index}.safetensors" if out is not None else None
+    ckpt = Path(out_dir) / f"answer-{sae_index}.safetensors" if out_dir is not None else None
     key = P.answer_key(str(lm.info.get("sha256") or lm.info.get("spec")), sae, hook, items, ab_sets)
     sc = P.answer_level(lm.model, sae, hook, items, ab_sets, cfg.batch_size, quiet, ckpt, key)  # [N, 2 + C, 3]
     out = {"n_problems": len(items), "n_controls": len(ab_sets) - 2,

@@ -204,7 +204,7 @@ def answer_key(model_id: str, sae, hook: str, items, sets: list[list[int]]) -> s
     and positions of every problem, and the ablation sets (a checkpoint is reused only on a match)."""
     h = hashlib.sha256(f"{model_id}|{hook}|{json.dumps([list(map(int, s)) for s in sets])}".encode())
     for t in sae.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     for _, it in items:
         for a in (it.ids, it.answer_pos, it.key_pos):
             h.update(np.asarray(a, np.int64).tobytes() + b"|")
