@@ -8,7 +8,8 @@ validation chunks and steps, and starts from the same random rows outside its da
     dead       ReLU + L1 with a high coefficient, x8, no AuxK and no resampling (a regime with many
                dead latents); baseline, rkcnn {5, 10, 25}% x dedup {none, cos_cap}, and the 10%
                controls data_rows, kmeans, pca. `--dead-architecture topk`: the same arms with TopK
-               (k, AuxK off), for wide SAEs (--expansion 32-64) where latents die without AuxK
+               (k, AuxK off), where latents die at a high --lr (6e-3 at x8 kills a third of them
+               in 400 steps on SmolLM2 layer 15; docs/rkcnn.md) or in long wide runs
     faithful   the RkCNN seed's phase 2: ReLU + L1 with the seed's λ = 1e-3 in its units, unit-norm
                decoder, unweighted L1, untied random encoder, b_dec = 0, Adam 1e-3 without warm-up or
                decay, x8, batch 256, 10k steps; baseline and rkcnn (fraction 0.5 capped at h = 600,
