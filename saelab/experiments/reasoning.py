@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from saelab import statistics as S
 from saelab.circuits.prompts import write_prompts
@@ -246,18 +245,16 @@ def cached_hidden_states(cfg: Config, lm, hooks: list[str], items, quiet: bool):
         h.update((it.unit >= 0).tobytes())
     key = h.hexdigest()
     unit_N = np.concatenate([it.unit[it.unit >= 0] for it in items]) if items else np.zeros(0, np.int64)
-    path = Path(cfg.hidden_cache) if cfg.hidden_cache else None
-    if path is not None and path.is_file():
-        t = load_file(str(path))
-        if bytes(t["key"].tolist()).decode() == key and all(k in t for k in hooks):
-            log.info("hidden states read from %s", path)
-            return {k: t[k] for k in hooks}, unit_N
+    path = cfg.hidden_cache or None
+    t = P.load_keyed(path, key)
+    if t is not None and all(k in t for k in hooks):
+        log.info("hidden states read from %s", path)
+        return {k: t[k] for k in hooks}, unit_N
+    if path is not None and Path(path).is_file():
         log.warning("%s was made for other inputs or hooks; recomputing and overwriting it", path)
     x, unit_N = P.hidden_states(lm.model, hooks, items, cfg.batch_size, quiet)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({**x, "unit": torch.from_numpy(unit_N), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)},
-                  str(path))
+        P.save_keyed(path, {**x, "unit": torch.from_numpy(unit_N)}, key)
     return x, unit_N
 
 

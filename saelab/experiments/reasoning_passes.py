@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from saelab.models import capture, splice
+from saelab.store.format import write_bytes_atomic
 
 
 class Item(NamedTuple):
@@ -199,6 +199,20 @@ def answer_scores(model, sae, hook: str, item: AnswerItem, sets: list[list[int]]
     return np.array(out)
 
 
+def save_keyed(path: str | Path, tensors: dict[str, torch.Tensor], key: str) -> None:
+    """`tensors` and `key` (what they were computed from) as one safetensors file, written atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(Path(path), save({**tensors, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}))
+
+
+def load_keyed(path: str | Path | None, key: str) -> dict[str, torch.Tensor] | None:
+    """The tensors `save_keyed` wrote to `path`, or None when there is no file or it was made for another key."""
+    if path is None or not Path(path).is_file():
+        return None
+    t = load_file(str(path))
+    return t if "key" in t and bytes(t["key"].tolist()).decode() == key else None
+
+
 def answer_key(model_id: str, sae, hook: str, items, sets: list[list[int]]) -> str:
     """What the answer-level scores depend on: the model, the SAE's weights, the hook, the token ids
     and positions of every problem, and the ablation sets (a checkpoint is reused only on a match)."""
@@ -218,18 +232,11 @@ def answer_level(model, sae, hook: str, items, sets: list[list[int]], batch_size
     With `checkpoint` (a .safetensors path), the scores of the problems done so far are saved there
     after each problem, with `key` (`answer_key`); a run that finds a checkpoint with the same key
     starts after its last problem, so an interrupted run continues instead of starting over."""
-    done: list[np.ndarray] = []
-    path = Path(checkpoint) if checkpoint else None
-    if path is not None and path.is_file():
-        t = load_file(str(path))
-        if bytes(t["key"].tolist()).decode() == key and t["scores"].shape[1:] == (len(sets), 3):
-            done = list(t["scores"].numpy()[:len(items)])
+    t = load_keyed(checkpoint, key)
+    done = list(t["scores"].numpy()[:len(items)]) if t is not None and t["scores"].shape[1:] == (len(sets), 3) else []
     for _, it in tqdm(items[len(done):], desc="answer level", disable=quiet, dynamic_ncols=True,
                       initial=len(done), total=len(items)):
         done.append(answer_scores(model, sae, hook, it, sets, batch_size))
-        if path is not None:
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"scores": torch.from_numpy(np.stack(done)),
-                       "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(tmp))
-            os.replace(tmp, path)
+        if checkpoint:
+            save_keyed(checkpoint, {"scores": torch.from_numpy(np.stack(done))}, key)
     return np.stack(done)
