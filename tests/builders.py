@@ -251,10 +251,12 @@ def relu_identity_sae(directory: Path, d: int, model_sha: str = MODEL_SHA, hook:
 
 
 def write_store(root: Path, seqs: list[list[int]], acts: list[np.ndarray], tokenizer_dir: Path | None = None,
-                num_shards: int = 1, seqs_per_chunk: int = 2, model_sha: str = MODEL_SHA) -> Path:
+                num_shards: int = 1, seqs_per_chunk: int = 2, model_sha: str = MODEL_SHA,
+                outlier_ratio: float | None = None) -> Path:
     """A store with the real ShardWriter: sequence i -> shard i % num_shards, row = one token.
 
-    acts[i] is [len(seqs[i]), D] float; seqpos = (i, position).
+    acts[i] is [len(seqs[i]), D] float; seqpos = (i, position). With `outlier_ratio` the writer
+    flags rows whose norm exceeds that many times the median (massive activations).
     """
     d = acts[0].shape[1]
     meta = {"model": {"spec": str(tokenizer_dir or "none"), "name": "tiny", "sha256": model_sha,
@@ -263,6 +265,8 @@ def write_store(root: Path, seqs: list[list[int]], acts: list[np.ndarray], token
             "tokenizer": {"name": "hostile", "vocab_size": len(HOSTILE_VOCAB), "bos_id": 0, "eos_id": 0, "pad_id": 0},
             "corpus": {"spec": "test", "fingerprint": "x"}, "max_length": 64, "keep_special": True,
             "batch_size": 1, "chunk_tokens": 1, "tokens_target": sum(map(len, seqs))}
+    if outlier_ratio is not None:
+        meta["outlier_ratio"] = outlier_ratio
     for s in range(num_shards):
         w = ShardWriter.open(root, meta, s, num_shards)
         mine = [i for i in range(len(seqs)) if i % num_shards == s]

@@ -6,8 +6,9 @@ validation chunks and steps, and starts from the same random rows outside its da
     factorial  TopK and ReLU (architecture defaults), x4, short runs; baseline, and rkcnn with
                encoder {random, tied} x dedup {none, cos_cap 0.5} x fraction {10%, 50%} (h = 2 d_sae)
     dead       ReLU + L1 with a high coefficient, x8, no AuxK and no resampling (a regime with many
-               dead latents); baseline, rkcnn {5, 10, 25}% x dedup {none, cos_cap}, and the 10%
-               controls data_rows, kmeans, pca. `--dead-architecture topk`: the same arms with TopK
+               dead latents); baseline, rkcnn {5, 10, 25}% x dedup {none, cos_cap}, the variant
+               rkcnn-tied-cos_cap-{10, 25} (tied encoder, rows signed towards the heavy tail,
+               |cos| cap), and the 10% controls data_rows, kmeans, pca. `--dead-architecture topk`: the same arms with TopK
                (k, AuxK off), where latents die at a high --lr (6e-3 at x8 kills a third of them
                in 400 steps on SmolLM2 layer 15; docs/rkcnn.md) or in long wide runs
     faithful   the RkCNN seed's phase 2: ReLU + L1 with the seed's λ = 1e-3 in its units, unit-norm
@@ -147,6 +148,10 @@ def arms_of(plan: str, dead_architecture: str = "relu") -> dict[str, dict]:
             for dedup in ("none", "cos_cap"):
                 arms[f"rkcnn-{dedup}-{int(100 * frac)}"] = dict(architecture=a, init="rkcnn", fraction=frac,
                                                                 options={"dedup": dedup})
+        for frac in (0.1, 0.25):  # the variant: tied encoder, heavy-tail sign, |cos| cap
+            arms[f"rkcnn-tied-cos_cap-{int(100 * frac)}"] = dict(
+                architecture=a, init="rkcnn", fraction=frac,
+                options={"init_encoder": "tied", "dedup": "cos_cap", "orient": "heavy_tail"})
         for kind in ("data_rows", "kmeans", "pca"):
             arms[f"{kind}-10"] = dict(architecture=a, init=kind, fraction=0.1, options={})
     else:

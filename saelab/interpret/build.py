@@ -41,6 +41,8 @@ def build_dashboard(sae, store, hook: str, res: StatsResult, feature_ids: list[i
     model_name = (store.meta.get("model") or {}).get("name", "?")
     subtitle = (f"{sae_name} · {hook} · {model_name} · {stats.num_tokens:,} tokens · "
                 f"{len(feature_ids)} of {stats.d_sae} features")
+    if res.meta.get("outlier_rows_left_out"):
+        subtitle += f" · {res.meta['outlier_rows_left_out']:,} massive-activation rows left out"
     pc = res.meta.get("pass", {})
     data = dashboard_data(stats, feature_ids, ex, texts, lens, rows, qb, panels=panels, title=title,
                           subtitle=subtitle, hist_range=(pc.get("hist_log_min", -3.0), pc.get("hist_log_max", 3.0)),

@@ -4,7 +4,8 @@ Owns:
   * `check_pair(sae, store, hook)`: the SAE was trained on this store's model and hook (else one
     UsageError listing every mismatch) -> the hook name to read.
   * `feature_pass(sae, store, hook, cfg)`: one streaming pass over the store's chunks in global row
-    order, `f_BF = sae.encode(x_BD)` per batch, folded into `stats.FeatureAccumulator`.
+    order, `f_BF = sae.encode(x_BD)` per batch, folded into `stats.FeatureAccumulator`; rows
+    collect flagged as massive activations are left out unless `PassConfig.keep_outliers`.
   * `load_or_compute_stats(...)`: the same, cached on disk under
         cache_dir / sha256(SAE weights sha256, store id, hook, PassConfig)[:20] / stats.{safetensors,json}
     where the store id is sha256 of store.json and every used chunk's (shard, index, rows, offset,
@@ -71,9 +72,9 @@ def feature_pass(sae, store, hook: str, cfg: PassConfig | None = None, quiet: bo
     acc = FeatureAccumulator(sae.cfg.d_sae, cfg)
     device = next(sae.parameters()).device
     with tqdm(total=store.num_tokens, unit="tok", disable=quiet, desc="features") as bar:
-        for offset, x_BD, _, _ in rows_in_order(store, hook, cfg.batch_size):
+        for offset, x_BD, flagged_B, _ in rows_in_order(store, hook, cfg.batch_size):
             f_BF = sae.encode(x_BD.to(device))
-            acc.update_(f_BF, offset)
+            acc.update_(f_BF, offset, None if cfg.keep_outliers or not flagged_B.any() else ~flagged_B)
             bar.update(x_BD.shape[0])
     if acc.num_tokens == 0:
         raise UsageError(f"store {store.path} has no complete chunks to read; collect some first.")
@@ -132,8 +133,12 @@ def load_or_compute_stats(sae, store, hook: str, cfg: PassConfig | None = None, 
         except UsageError as e:
             log.warning("ignoring the feature-statistics cache in %s: %s", d, e)
     stats = feature_pass(sae, store, hook, cfg, quiet=quiet)
+    left_out = 0 if cfg.keep_outliers else store.flagged_count(hook)
+    if left_out:
+        log.info("left out %d row(s) that collect flagged as massive activations at %s (--keep-outliers "
+                 "reads them)", left_out, hook)
     meta = {"key": key, "sae_sha256": sae_sha, "store_id": store_id, "store": str(store.path),
-            "hook": hook, "pass": settings, "d_sae": stats.d_sae}
+            "hook": hook, "pass": settings, "d_sae": stats.d_sae, "outlier_rows_left_out": left_out}
     save_stats(stats, d, meta)
     log.info("feature statistics cached in %s", d)
     return StatsResult(stats, dict(meta, num_tokens=stats.num_tokens), d)

@@ -64,6 +64,9 @@ class PassConfig:
     """Store rows encoded per step."""
     seed: int = 0
     """Seed of the reservoir's random keys (same seed + same store = same sample)."""
+    keep_outliers: bool = False
+    """Also read the rows collect flagged as massive activations (left out by default, as train and
+    evaluate leave them out: one such row can set a feature's max and its top examples)."""
 
     def __post_init__(self):
         problems = []
@@ -192,8 +195,9 @@ class FeatureAccumulator:
         self._gen = torch.Generator().manual_seed(cfg.seed)
 
     @torch.no_grad()
-    def update_(self, f_BF: torch.Tensor, offset: int) -> None:
-        """Fold in one batch whose row b is global token `offset + b`.
+    def update_(self, f_BF: torch.Tensor, offset: int, keep_B: torch.Tensor | None = None) -> None:
+        """Fold in one batch whose row b is global token `offset + b`; rows with keep_B False are
+        left out (not counted in num_tokens, never an example).
 
         Works on the non-zeros only: sum/max/histogram by scatter (count_F is the histogram's row
         sum), and merges into top-k / reservoir only the candidates that beat their feature's
@@ -201,6 +205,10 @@ class FeatureAccumulator:
         """
         f_BF = f_BF.detach().float().cpu()
         B, F = f_BF.shape
+        if keep_B is not None:
+            keep_B = keep_B.to(torch.bool).cpu()
+            f_BF = f_BF * keep_B[:, None]
+            B = int(keep_B.sum())
         H = self.cfg.hist_bins
         assert F * H == self.hist_FH.numel(), f"batch has {F} features, accumulator {self.hist_FH.shape[0]}"
         rows_N, feat_N = f_BF.nonzero(as_tuple=True)  # saves a compare pass over f_BF

@@ -140,3 +140,27 @@ def test_logit_lens_through_a_real_tiny_model():
     lens = model_logit_lens(model, W_dec, k=4)
     ref = (W_dec * gain) @ model.lm_head.weight.detach().T
     assert lens.top_ids_FK.tolist() == ref.topk(4, dim=1).indices.tolist()
+
+
+def test_massive_activation_rows_are_left_out_unless_kept(tmp_path):
+    """One first-token row 400x the others (a massive activation, flagged by collect) would set
+    feature 0's max and its top example; the pass leaves it out, as train and evaluate do."""
+    from tests.builders import write_store
+
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, len(HOSTILE_VOCAB), size=16).tolist() for _ in range(4)]
+    acts = [np.abs(rng.normal(1.0, 0.1, size=(16, 4))).astype(np.float32) for _ in range(4)]
+    acts[2][0] *= 400  # sequence 2, position 0: global row 32 (one shard, one chunk)
+    store_dir = write_store(tmp_path / "store", seqs, acts, num_shards=1, seqs_per_chunk=4, outlier_ratio=5.0)
+    sae, store = load_sae(relu_identity_sae(tmp_path / "sae", 4)), load_store(store_dir)
+    hook = check_pair(sae, store)
+    assert store.flagged_count(hook) == 1
+    res = load_or_compute_stats(sae, store, hook, PassConfig(top_k=3), cache_dir=tmp_path / "cache")
+    assert res.stats.num_tokens == 63 and res.meta["outlier_rows_left_out"] == 1
+    assert float(res.stats.max_F[0]) < 2 and 32 not in res.stats.top_index_FK.flatten().tolist()
+    assert 32 not in res.stats.sample_index_FR.flatten().tolist()
+    assert int(res.stats.count_F[0]) == 63
+    kept = load_or_compute_stats(sae, store, hook, PassConfig(top_k=3, keep_outliers=True), cache_dir=tmp_path / "cache")
+    assert kept.cache_dir != res.cache_dir  # a different setting, a different cache entry
+    assert kept.stats.num_tokens == 64 and kept.meta["outlier_rows_left_out"] == 0
+    assert float(kept.stats.max_F[0]) > 100 and int(kept.stats.top_index_FK[0, 0]) == 32
