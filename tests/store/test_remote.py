@@ -165,6 +165,23 @@ def test_a_batch_stream_resumed_from_its_state_continues_the_same(twin):
     assert all(torch.equal(x, y) for x, y in zip(first + rest, full)) and len(first + rest) == len(full)
 
 
+def test_parallel_writers_into_s3_equal_two_local_shards(s3, llama_dir, corpus_dir, url, tmp_path, capsys):
+    """`collect --parallel 2` to a bucket: two writer processes, each with its own lease, write the
+    chunks two hand-started local writers (--shard 0/1 --num-shards 2) write, and the store verifies."""
+    import dataclasses
+
+    for s in range(2):
+        collect(cfg_for(llama_dir, corpus_dir, tmp_path / "seq", tokens=320, shard=s, num_shards=2), quiet=True)
+    res = collect(dataclasses.replace(cfg_for(llama_dir, corpus_dir, url, tokens=320), parallel=2), quiet=True)
+    rem, loc = remote_files(s3, url), local_files(tmp_path / "seq")
+    assert sorted(rem) == sorted(loc) and any(n.startswith("shard_00001/") for n in rem)
+    assert chunk_digest(rem) == chunk_digest(loc)
+    assert res.tokens == load_store(tmp_path / "seq").num_tokens  # the progress count reads the bucket too
+    capsys.readouterr()
+    assert main(["verify", url]) == 0
+    assert "✓ store is sound" in capsys.readouterr().out
+
+
 def test_train_and_evaluate_from_s3_equal_the_local_runs(twin, tmp_path):
     url, local = twin
     runs = {}
