@@ -23,6 +23,8 @@ On object storage (`path` an fsspec URL, remote.py) a chunk file is read whole i
 size and sha256 are checked on every read (with `verify`), then viewed as an array without a copy;
 token and seqpos arrays of the last few chunks are kept in memory. Batch streams read the next
 chunks in a background thread (prefetch.py), so the rows and their order are those of the local store.
+With SAELAB_STORE_CACHE set, checked files are also kept on local disk by sha256 and mapped from
+there on later reads (cache.py).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from saelab.store.format import (
     MANIFEST_JSON, SEQPOS, STORE_JSON, TOKENS, check_format_version, npy_from_bytes, read_json, sha256_file,
     shard_dir_name,
 )
+from saelab.store import cache as remote_cache
 from saelab.store.remote import RemotePath, location, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -137,32 +140,41 @@ class ActivationStore:
         if self.remote:
             return self._read_remote(path, entry, small=key in (TOKENS, SEQPOS))
         check_file(path, entry, check_hash=self.verify)
+        return self._mapped(path, entry)
+
+    def _mapped(self, path: Path, entry: dict) -> np.ndarray:
+        """A checked local .npy file, memory-mapped."""
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:  # e.g. an object array (pickle) or a damaged header
             raise DataError(f"{path} is not a plain .npy array ({e}); saelab never writes such a file. Run "
                             f"`saelab verify {self.path}` and collect that shard again.") from None
+        self._check_shape(path, arr, entry)
+        return arr
+
+    def _check_shape(self, path, arr: np.ndarray, entry: dict) -> None:
         if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
             raise DataError(f"{path} holds {arr.dtype.name} {list(arr.shape)}, its manifest says "
                              f"{entry['dtype']} {entry['shape']}: the chunk is corrupted. Run `saelab verify "
                              f"{self.path}` and collect that shard again.")
-        return arr
 
     def _read_remote(self, path: RemotePath, entry: dict, small: bool) -> np.ndarray:
         if small and str(path) in self._small:
             self._small.move_to_end(str(path))
             return self._small[str(path)]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"{path} is missing but its shard manifest lists it. Run `saelab verify {self.path}`; "
-                            "collect that shard again.") from None
-        check_bytes(path, data, entry, self.path, check_hash=self.verify)
-        arr = npy_from_bytes(data, path)
-        if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
-            raise DataError(f"{path} holds {arr.dtype.name} {list(arr.shape)}, its manifest says "
-                            f"{entry['dtype']} {entry['shape']}: the chunk is corrupted. Run `saelab verify "
-                            f"{self.path}` and collect that shard again.")
+        hit = remote_cache.lookup(entry, check_file, self.verify)  # SAELAB_STORE_CACHE (cache.py)
+        if hit is not None:
+            arr = self._mapped(hit, entry)
+        else:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise DataError(f"{path} is missing but its shard manifest lists it. Run `saelab verify {self.path}`; "
+                                "collect that shard again.") from None
+            check_bytes(path, data, entry, self.path, check_hash=self.verify)
+            arr = npy_from_bytes(data, path)
+            self._check_shape(path, arr, entry)
+            remote_cache.put(entry, data)
         if small:
             self._small[str(path)] = arr
             while len(self._small) > _SMALL_CACHE:

@@ -223,6 +223,60 @@ def test_a_store_copied_to_a_bucket_verifies_and_interprets_as_the_local_one(s3,
     assert main(["verify", url]) == 1
 
 
+def test_the_local_cache_serves_later_reads_drops_a_damaged_copy_and_holds_its_cap(s3, url, tmp_path, monkeypatch):
+    """SAELAB_STORE_CACHE: the first read of a remote chunk keeps it on disk by sha256; later reads
+    map that copy (they work with the bucket's object gone); a damaged copy is dropped and fetched
+    again; SAELAB_STORE_CACHE_GB evicts the least recently read copies."""
+    from tests.builders import planted_words
+
+    c = planted_words(tmp_path)
+    s3.put(str(c.store), url.removeprefix("s3://"), recursive=True)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAELAB_STORE_CACHE", str(cache))
+    local, remote = load_store(c.store), load_store(url)
+    hook = local.hooks[0]
+    want = [np.asarray(local.read_activations(ch, hook)) for ch in local.chunks]
+    assert len(want) >= 3
+    for ch, w in zip(remote.chunks, want):
+        assert np.array_equal(remote.read_activations(ch, hook), w)
+    copies = {p.name for p in cache.rglob("*.npy")}
+    assert copies == {ch.files[hook]["sha256"] + ".npy" for ch in remote.chunks}
+
+    # a damaged copy is refused by its sha256, dropped and fetched again from the bucket
+    first = remote.chunks[0].files[hook]
+    damaged = cache / first["sha256"][:2] / f"{first['sha256']}.npy"
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    assert np.array_equal(load_store(url).read_activations(0, hook), want[0])
+    assert damaged.read_bytes() == (c.store / shard_dir(remote.chunks[0]) / first["file"]).read_bytes()
+
+    # with the bucket's activation objects gone, a new reader still gets every chunk, mapped from disk
+    for ch in remote.chunks:
+        s3.rm(f"{url.removeprefix('s3://')}/{shard_dir(ch)}/{ch.files[hook]['file']}")
+    again = load_store(url)
+    for ch, w in zip(again.chunks, want):
+        got = again.read_activations(ch, hook)
+        assert isinstance(got, np.memmap) and np.array_equal(got, w)
+
+    # the cap: room for two chunks and a tokens file; the least recently read go first
+    size = damaged.stat().st_size
+    again.read_activations(0, hook)  # chunk 0: now the most recently read
+    monkeypatch.setenv("SAELAB_STORE_CACHE_GB", str(2.5 * size / 1e9))
+    load_store(url).read_tokens(0)  # a new file: writing it holds the cap
+    left = {p.name for p in cache.rglob("*.npy")}
+    newest = [remote.chunks[-1].files[hook], first, remote.chunks[0].files["tokens"]]  # chunks 1.. were read before
+    assert left == {e["sha256"] + ".npy" for e in newest}
+    assert sum(p.stat().st_size for p in cache.rglob("*.npy")) <= 2.5 * size
+    monkeypatch.setenv("SAELAB_STORE_CACHE_GB", "lots")
+    with pytest.raises(UsageError, match="SAELAB_STORE_CACHE_GB"):
+        load_store(url).read_tokens(remote.chunks[2])
+
+
+def shard_dir(chunk) -> str:
+    return f"shard_{chunk.shard:05d}"
+
+
 # ------------------------------------------------------------------------------ faults
 
 def test_a_corrupted_remote_chunk_is_caught_by_verify_and_by_reading(s3, llama_dir, corpus_dir, url, capsys):
