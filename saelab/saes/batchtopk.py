@@ -78,11 +78,11 @@ def _first_largest(v_C: Tensor, n: int) -> Tensor:
     return above | (at & (at.cumsum(0) <= n - above.sum()))
 
 
-def batch_topk_selection(pre_BF: Tensor, k: int) -> Selection:
-    """The (up to) B*k largest positive pre-activations of the batch, row-major (no grad); the fast
-    path of the module docstring. Pure torch: the same code runs on CUDA."""
+def batch_topk_selection(pre_BF: Tensor, k: int, total: int | None = None) -> Selection:
+    """The (up to) `total` (default B*k) largest positive pre-activations of the batch, row-major (no
+    grad); the fast path of the module docstring. Pure torch: the same code runs on CUDA."""
     B, F_ = pre_BF.shape
-    total = B * k
+    total = B * k if total is None else total
     flat = pre_BF.reshape(-1)
     n = flat.numel()
     positive = torch.finfo(flat.dtype).tiny  # flat >= tiny: positive (subnormals aside)
@@ -105,6 +105,31 @@ def batch_topk_selection(pre_BF: Tensor, k: int) -> Selection:
     return _selection(cand_C, pre_BF)
 
 
+def distributed_batch_topk_selection(pre_BF: Tensor, k: int, rank: int, world: int, all_gather) -> Selection:
+    """Under DDP, this rank's part of the selection one process would make on the global batch (every
+    rank's B rows, stacked in rank order): the W*B*k largest positive entries, ties at the cut kept in
+    rank order, then row-major.
+
+    No rank can hold more than T = W*B*k of the global top T, so each rank takes its own top T
+    (`batch_topk_selection`), pads it to T with -inf and all-gathers it: the T-th largest of the W*T
+    values is the global cut. `all_gather(t_T)` returns the [W, T] stack of every rank's t_T.
+    """
+    B, F_ = pre_BF.shape
+    total = world * B * k
+    cand = batch_topk_selection(pre_BF, k, total=total)
+    v_C = cand.pre_N
+    padded = v_C.new_full((total,), -math.inf)
+    padded[:v_C.numel()] = v_C
+    all_WT = all_gather(padded)
+    cut = all_WT.reshape(-1).kthvalue(all_WT.numel() - total + 1).values
+    if not bool(cut > 0):  # fewer than T positive entries in the global batch: every rank keeps all of its own
+        return cand
+    above, at = v_C > cut, v_C == cut
+    room = total - int((all_WT > cut).sum()) - int((all_WT[:rank] == cut).sum())
+    keep = above | (at & (at.cumsum(0) <= max(room, 0)))
+    return _selection((cand.row_N * F_ + cand.feat_N)[keep], pre_BF)
+
+
 def batch_topk_selection_reference(pre_BF: Tensor, k: int) -> Selection:
     """The plain version: one top-B*k over the flattened ReLU'd batch, zeros dropped, sorted."""
     relu = F.relu(pre_BF).reshape(-1)
@@ -122,15 +147,24 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg, init_dirs_FD)
         self.register_buffer("threshold", torch.full((), -1.0))
         self._pending_min: Tensor | None = None
+        self.distributed: tuple | None = None
+        """(rank, world, all_gather) while a DDP trainer runs: training steps select over the global batch."""
 
     def activation(self, pre_BF: Tensor) -> Tensor:
         if self.training or self.threshold < 0:
-            sel = self.select(pre_BF.detach())
+            sel = self._local_select(pre_BF.detach())
             keep_BF = ops.to_dense(torch.ones_like(sel.pre_N), sel, pre_BF.shape[1])
             return F.relu(pre_BF) * keep_BF
         return pre_BF * (pre_BF > self.threshold)
 
     def select(self, pre_BF: Tensor) -> Selection:
+        """The training step's selection: over the global batch under DDP (`distributed`), else this batch."""
+        if self.training and self.distributed is not None:
+            rank, world, all_gather = self.distributed
+            return distributed_batch_topk_selection(pre_BF, self.cfg.k, rank, world, all_gather)
+        return self._local_select(pre_BF)
+
+    def _local_select(self, pre_BF: Tensor) -> Selection:
         if self.cfg.dense:
             return batch_topk_selection_reference(pre_BF, self.cfg.k)
         return batch_topk_selection(pre_BF, self.cfg.k)
@@ -144,8 +178,8 @@ class BatchTopKSAE(TopKSAE):
         self._pending_min = m if self._pending_min is None else torch.minimum(self._pending_min, m)
 
     def reduce_step_state_(self, reduce_max, reduce_sum) -> None:
-        """TopK's, plus the smallest kept activation over all ranks (so every rank's threshold agrees).
-        Each rank still selects B_rank * k over its own share of the batch."""
+        """TopK's, plus the smallest kept activation over all ranks: the global batch's, as one
+        process would see it (every rank's threshold agrees)."""
         super().reduce_step_state_(reduce_max, reduce_sum)
         if self._pending_min is not None:
             self._pending_min = -reduce_max(-self._pending_min)

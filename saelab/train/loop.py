@@ -166,6 +166,13 @@ def _all_reduce_grads_(sae: torch.nn.Module, world: int) -> None:
         offset += g.numel()
 
 
+def _all_gather_stack(t: torch.Tensor) -> torch.Tensor:
+    """[W, *t.shape]: every rank's t (same shape on every rank), in rank order."""
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
 def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
@@ -339,8 +346,9 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
           autocast=None, kept: str = "") -> TrainOutput:
     """One optimizer step of one SAE on one batch; updates its weights, Adam state and dead counters.
 
-        out = sae.training_loss(x_BD, sparsity_scale);  out.loss.backward();  (DDP: grads <- mean over
-        ranks);  check out.loss and the grads finite;  before_optimizer_step_;  Adam(lr);
+        (DDP: BatchTopK selects over the global batch);  out = sae.training_loss(x_BD, sparsity_scale);
+        out.loss.backward();  (DDP: grads <- mean over ranks);  check out.loss and the grads finite;
+        before_optimizer_step_;  Adam(lr);
         (DDP: reduce_step_state_, e.g. TopK's fired latents over the global batch);
         after_optimizer_step_;  check weights finite;  dead.update_(out.fired_F, max over ranks)
 
@@ -352,6 +360,8 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
+    if world > 1 and hasattr(run.sae, "distributed"):  # BatchTopK: select over the global batch
+        run.sae.distributed = (dist.get_rank(), world, _all_gather_stack)
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
         o = run.sae.training_loss(x_BD, sparsity_scale=sparsity_scale)
     o.loss.backward()  # before the loss check: one host sync screens the loss and the gradients together

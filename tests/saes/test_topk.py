@@ -1,12 +1,15 @@
 """TopK family specifics: exact k, AuxK and dead counters, BatchTopK threshold and selection."""
 import copy
+import math
 
 import pytest
 import torch
 
 from saelab.saes import REGISTRY, make_sae
 from saelab.saes import batchtopk
-from saelab.saes.batchtopk import batch_topk_selection, batch_topk_selection_reference
+from saelab.saes.batchtopk import (
+    batch_topk_selection, batch_topk_selection_reference, distributed_batch_topk_selection,
+)
 from tests.builders import PlantedDictionary, train_sae
 
 
@@ -80,6 +83,48 @@ def test_batch_topk_selection_overshot_sample_falls_back(monkeypatch):
     monkeypatch.setattr(batchtopk, "SAMPLE_SIGMAS", -30.0)
     pre = torch.randn(512, 1024)
     _check_selection(batch_topk_selection(pre, 16), pre, 16)
+
+
+def _ranks_select(pre, k, world):
+    """Every rank's `distributed_batch_topk_selection` on its share of `pre` (rows split in rank order),
+    with the all-gather done by hand: the stack of every rank's padded top W*B*k values."""
+    parts = pre.chunk(world)
+    total = pre.shape[0] * k
+    padded = []
+    for p in parts:
+        v = batch_topk_selection(p, k, total=total).pre_N
+        padded.append(torch.cat([v, v.new_full((total - v.numel(),), -math.inf)]))
+    stack = torch.stack(padded)
+    got = torch.zeros_like(pre)
+    for r, p in enumerate(parts):
+        sel = distributed_batch_topk_selection(p, k, r, world, lambda t, r=r: (torch.equal(t, stack[r]) or None) and stack)
+        got[r * p.shape[0] + sel.row_N, sel.feat_N] = 1
+    return got
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_selection_is_the_global_batch_selection(world):
+    """Rank shares of the distributed selection add up to one process's selection on the whole batch:
+    with a sampled cut, with one rank holding most of the cut, with fewer positives than B*k, and
+    with ties at the cut (kept in rank order, then row-major, as one process keeps them)."""
+    torch.manual_seed(2)
+    row = torch.linspace(0.1, 2.0, 256)[torch.randperm(256)]
+    tied = torch.cat([row.repeat(63, 1), torch.zeros(1, 256)])
+    tied[63, :30] = 100.0
+    cases = [
+        (torch.randn(256, 512) + torch.randn(256, 1), 8),
+        (torch.cat([torch.randn(192, 512) - 1, torch.randn(64, 512) + 4]), 8),  # the last rank holds the cut
+        (torch.randn(64, 40) - 3, 3),  # fewer positives than B*k
+    ]
+    for pre, k in cases:
+        assert torch.equal(_ranks_select(pre, k, world), _flat_topk_mask(pre, k))
+    # ties straddling ranks: 64 x 4 = 256 pairs are the 30 huge values, the 63 copies' top 3 (189)
+    # and 37 of the 63 tied 4th values; one process keeps them in rows 0-36, and so must the ranks
+    sel = batch_topk_selection(tied, 4)
+    assert sel.row_N[sel.feat_N == row.topk(4).indices[3]].tolist() == list(range(37))
+    ref = torch.zeros_like(tied)
+    ref[sel.row_N, sel.feat_N] = 1
+    assert torch.equal(_ranks_select(tied, 4, world), ref)
 
 
 def test_batch_topk_selection_ties_keep_exactly_bk():

@@ -542,7 +542,7 @@ def test_interrupted_run_resumes_exactly_and_reuses_its_checkpoints(store, tmp_p
 # DDP: two ranks give the same weights as one process on the same global batches
 
 
-def _ddp_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out_dir: str, arch: str) -> None:
     import torch.distributed as dist
 
     from saelab.train import step_
@@ -550,7 +550,7 @@ def _ddp_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out_dir: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    run = _one_run("topk")
+    run = _one_run(arch)
     run.sae.init_from_data_(x_TND[0])
     half = x_TND.shape[1] // world
     for t, x_ND in enumerate(x_TND):
@@ -568,7 +568,10 @@ def _ddp_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out_dir: 
     os._exit(0)
 
 
-def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path, arch):
+    """Two gloo ranks, each on half of every global batch, end with the weights, buffers (BatchTopK:
+    its selection over the global batch and its threshold) and dead counters of one process."""
     import socket
 
     import torch.multiprocessing as mp
@@ -580,16 +583,16 @@ def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, x_TND, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, port, x_TND, str(tmp_path), arch), nprocs=2, join=True,
                        start_method="spawn")
     torch.manual_seed(0)
-    run = _one_run("topk")
+    run = _one_run(arch)
     run.sae.init_from_data_(x_TND[0])
     for t, x_ND in enumerate(x_TND):
         step_(run, x_ND, lr=3e-3, sparsity_scale=1.0, step=t)
     ddp = load_file(str(tmp_path / "ddp.safetensors"))
     one = run.sae.state_dict()
-    moved, init = 0.0, _one_run_init(x_TND)
+    moved, init = 0.0, _one_run_init(x_TND, arch)
     for k, v in ddp.items():
         torch.testing.assert_close(v, one[k], rtol=1e-5, atol=1e-6, msg=f"{k}: DDP and one process differ")
         if v.is_floating_point():
@@ -599,9 +602,9 @@ def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
                        run.dead.steps_since_fired_F)
 
 
-def _one_run_init(x_TND):
+def _one_run_init(x_TND, arch="topk"):
     torch.manual_seed(0)
-    run = _one_run("topk")
+    run = _one_run(arch)
     run.sae.init_from_data_(x_TND[0])
     return run.sae.state_dict()
 
