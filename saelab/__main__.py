@@ -1,3 +1,4 @@
-from saelab.cli import main
+from saelab.cli import run
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    run()

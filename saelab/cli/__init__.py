@@ -106,3 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `saelab verify STORE | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def run() -> None:
+    """The `saelab` program (console script and `python -m saelab`): `main()`, then exit with its code.
+
+    A rank under torchrun leaves with `os._exit` once its output is flushed: left to interpreter
+    exit, gloo's C++ teardown aborts a rank now and then (SIGABRT, "terminate called without an
+    active exception"; 1 run in 10-15 of `torchrun --nproc-per-node 2 -m saelab train` here, with or
+    without destroy_process_group), after every result is written, and torchrun then reports the
+    run as failed. Every command closes its files before it returns, so nothing is lost.
+    """
+    rc = main()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

@@ -83,6 +83,8 @@ def test_dead_plan_with_topk_turns_auxk_off(store, tmp_path):
     assert set(arms) - {"baseline-topk"} == set(ra.arms_of("dead")) - {"baseline-relu"}
     assert arms["rkcnn-tied-cos_cap-10"]["options"] == {"init_encoder": "tied", "dedup": "cos_cap", "orient": "heavy_tail"}
     assert arms["rkcnn-none-10"]["options"] == {"dedup": "none"}  # the method's random encoder by default
+    assert arms["pca-tied-10"] == dict(architecture="topk", init="pca", fraction=0.1,
+                                       options={"init_encoder": "tied", "orient": "heavy_tail"})
     t = ra.train_config(cfg, str(store), 16, arms["rkcnn-none-10"], 0, tmp_path, input_scale=1.0)
     assert t.sae_options == {"aux_k": 0} and t.k == [32] and t.l1_coeff is None and t.d_sae == 32 * 16
 

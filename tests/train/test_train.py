@@ -562,7 +562,8 @@ def _ddp_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out_dir: 
     dist.destroy_process_group()
     # With torch 2.13 and gloo, a worker that has run SAE steps sometimes aborts in C++ teardown at
     # interpreter exit ("terminate called without an active exception", about 1 run in 15), after
-    # every result is written. Leave without that teardown; the test checks the files, not the exit.
+    # every result is written. Leave without that teardown, as the `saelab` program does under
+    # torchrun (saelab.cli.run); the test checks the files, not the exit.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
