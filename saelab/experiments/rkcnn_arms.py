@@ -9,7 +9,8 @@ validation chunks and steps, and starts from the same random rows outside its da
                dead latents); baseline, rkcnn {5, 10, 25}% x dedup {none, cos_cap}, the variant
                rkcnn-tied-cos_cap-{10, 25} (tied encoder, rows signed towards the heavy tail,
                |cos| cap), and the 10% controls data_rows, kmeans, pca (random encoder, as the
-               method) and data_rows-tied, kmeans-tied, pca-tied (tied and signed, as the variant). `--dead-architecture topk`: the same arms with TopK
+               method) and data_rows-tied, kmeans-tied, pca-tied (tied and signed, as the
+               variant). `--dead-architecture topk`: the same arms with TopK
                (k, AuxK off), where latents die at a high --lr (6e-3 at x8 kills a third of them
                in 400 steps on SmolLM2 layer 15; docs/rkcnn.md) or in long wide runs
     faithful   the RkCNN seed's phase 2: ReLU + L1 with the seed's λ = 1e-3 in its units, unit-norm
