@@ -10,7 +10,8 @@ that file instead of fetching the object again. A shard manifest names each file
 chunk files are never rewritten, so a copy is valid exactly while its bytes hash to its name:
 nothing goes stale, stores that share a file share its copy, and a damaged copy is dropped and
 fetched again. `SAELAB_STORE_CACHE_GB` caps the cache's size; past it, the least recently read
-files go first. Manifests and store.json are never cached: they change while a store grows.
+files go first (a process rescans the directory only when its own count passes the cap, so with
+several processes writing the cache can run over it until the next rescan). Manifests and store.json are never cached: they change while a store grows.
 
 Leaves out: reading and checking remote bytes (reader.py), the fsspec side (remote.py).
 """
@@ -88,6 +89,8 @@ def put(entry: dict, data: bytes) -> Path | None:
     if root is None:
         return None
     p = _path(root, entry["sha256"])
+    # not format.write_bytes_atomic: its fixed `.tmp` name would collide when several processes
+    # (DDP ranks) fetch the same chunk, and a failed cache write must not become a usage error
     tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -98,14 +101,21 @@ def put(entry: dict, data: bytes) -> Path | None:
         log.warning("could not keep %s in the store cache %s (%s); reads fetch it again", p.name, root, e)
         return None
     limit = cache_limit()
-    if limit is not None:
-        evict(root, limit, keep=p)
+    if limit is not None:  # scan the directory only when this process's running total passes the cap
+        held = _held.get(root)
+        _held[root] = (held if held is not None else _scan(root)[1]) + len(data)
+        if _held[root] > limit:
+            _held[root] = evict(root, limit, keep=p)
     return p
 
 
-def evict(root: Path, limit: int, keep: Path | None = None) -> int:
-    """Delete the least recently read files until the cache holds at most `limit` bytes (never
-    `keep`, the file just written). Returns the bytes freed."""
+_held: dict[Path, int] = {}
+"""Per cache directory: its bytes as this process last counted them plus what it wrote since
+(other processes' writes are seen at the next scan)."""
+
+
+def _scan(root: Path) -> tuple[list, int]:
+    """[(atime, size, path)] of the cached files, and their total size."""
     files = []
     for sub in root.iterdir() if root.is_dir() else []:
         if sub.is_dir():
@@ -115,13 +125,18 @@ def evict(root: Path, limit: int, keep: Path | None = None) -> int:
                 except FileNotFoundError:  # another process evicted it
                     continue
                 files.append((st.st_atime, st.st_size, f))
-    total = sum(s for _, s, _ in files)
-    freed = 0
+    return files, sum(size for _, size, _ in files)
+
+
+def evict(root: Path, limit: int, keep: Path | None = None) -> int:
+    """Delete the least recently read files until the cache holds at most `limit` bytes (never
+    `keep`, the file just written). Returns the bytes left."""
+    files, total = _scan(root)
     for _, size, f in sorted(files, key=lambda t: t[0]):
-        if total - freed <= limit:
+        if total <= limit:
             break
         if keep is not None and f == keep:
             continue
         f.unlink(missing_ok=True)
-        freed += size
-    return freed
+        total -= size
+    return total
