@@ -29,7 +29,11 @@ the seed's explained variance EV = 1 − Var(x − x̂) / Var(x) (variances over
 fraction of the data-driven latents and of the others; `redundancy` of the data-driven rows.
 Across seeds: mean ± std per arm and the paired difference arm − baseline (same architecture, same
 seed) with a t interval. Each run's row is saved in out/runs/ARM_sSEED/row.json and reused, so the
-same command continues an interrupted experiment.
+same command continues an interrupted experiment. Runs of 2,000 steps or more write a step
+checkpoint every 1,000 steps and continue from it (exactly, as `train --resume`), so a killed
+faithful run loses at most 1,000 steps. Processes sharing an --out split the jobs between them: each
+claims a run with out/runs/ARM_sSEED.claim (created exclusively; holding host and pid) and skips runs
+another live process holds, so two processes over the same seeds keep both cores busy to the end.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 from saelab import train as tr
+from saelab.train import checkpoint as ck
 from saelab.train import sources as td
 from saelab.config import to_dict
 from saelab.errors import UsageError, raise_all
@@ -61,6 +68,8 @@ log = logging.getLogger(__name__)
 HELP = "baseline vs RkCNN/data-driven inits on a store: factorial ablation, dead-latent regime, the seed's phase 2"
 RESULT_KEYS = ("experiment", "dry_run", "config", "store", "hook", "arms", "per_run", "summary", "plots", "seconds")
 PLOTS = {"arms": "arms.png"}
+CHECKPOINT_EVERY = 1000
+"""Step checkpoints of runs with at least twice this many steps (the faithful plan's 10k)."""
 PLAN_DEFAULTS = {"factorial": dict(steps=200, expansion=4, l1_coeff=None),
                  "dead": dict(steps=400, expansion=8, l1_coeff=40.0),
                  "faithful": dict(steps=10_000, expansion=8, l1_coeff=None)}
@@ -172,8 +181,10 @@ def baseline_of(arm: dict) -> str:
 # one run
 
 
-def train_config(cfg: Config, store: str, d_in: int, arm: dict, seed: int, out: Path, input_scale: float):
-    """The TrainConfig of one arm and seed (identical across arms but for the init fields)."""
+def train_config(cfg: Config, store: str, d_in: int, arm: dict, seed: int, out: Path, input_scale: float,
+                 resume: bool = False):
+    """The TrainConfig of one arm and seed (identical across arms but for the init fields); `resume`
+    continues from the newest intact checkpoint in `out` (else whatever is there is replaced)."""
     d_sae = cfg.expansion * d_in
     sae_options, l1 = {}, cfg.l1_coeff
     if arm["architecture"] == "relu" and cfg.plan in ("dead", "faithful"):
@@ -190,11 +201,13 @@ def train_config(cfg: Config, store: str, d_in: int, arm: dict, seed: int, out: 
         lr=cfg.lr, batch_size=cfg.batch_size, tokens=max(1, steps) * cfg.batch_size,
         warmup_steps=0 if cfg.plan == "faithful" else max(1, min(100, steps // 10)),
         decay_fraction=0.0 if cfg.plan == "faithful" else 0.2, eval_every=0, eval_tokens=cfg.eval_tokens,
-        checkpoint_every=0, val_fraction=cfg.val_fraction, seed=seed, init_tokens=cfg.init_tokens,
+        checkpoint_every=CHECKPOINT_EVERY if steps >= 2 * CHECKPOINT_EVERY else 0, val_fraction=cfg.val_fraction,
+        seed=seed, init_tokens=cfg.init_tokens,
         init=arm["init"], rkcnn_fraction=arm.get("fraction", 0.5),
         rkcnn_subsets=cfg.subsets or (600 if cfg.plan == "faithful" else 2 * d_sae),
         **{"rkcnn_" + k: v for k, v in arm.get("options", {}).items()}, sae_options=sae_options,
-        dead_window=max(1, min(1000, steps // 4)), log_every=max(1, steps // 100), shuffle_chunks=4, overwrite=True)
+        dead_window=max(1, min(1000, steps // 4)), log_every=max(1, steps // 100), shuffle_chunks=4,
+        resume=resume, overwrite=not resume)
 
 
 def initial_sae(tcfg):
@@ -264,6 +277,41 @@ def measure(cfg: Config, tcfg, store, arm_name: str, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the experiment
 
+
+def claim(path: Path) -> bool:
+    """Take the run claimed by `path` for this process: False if another live process holds it.
+
+    A claim holds {host, pid}; one whose process is gone (same host) is taken over."""
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+            except (OSError, ValueError):
+                held = {}  # being written this instant, or damaged: taken for live once, stale after
+            if held == me:
+                return True
+            if held.get("host") == me["host"] and held.get("pid") and not _pid_running(int(held["pid"])):
+                path.unlink(missing_ok=True)
+                continue
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 METRICS = ("dead_frac", "fvu", "fvu_step0", "l0", "l0_store", "ev_seed", "mse", "mined_dead_frac",
            "other_dead_frac", "redundancy_step0", "n_mined", "seconds")
 
@@ -323,29 +371,52 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
     sample_cfg = _sample_tcfg(store_path, cfg)
     x_ND = td.StoreSource(sample_cfg).init_sample(sample_cfg)
     input_scale = math.sqrt(d_in / float(x_ND.float().pow(2).sum(1).mean()))
-    rows = []
+    rows, elsewhere = [], []
     jobs = [(seed, name) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for name in arms]
+    (out / "runs").mkdir(exist_ok=True)
     with rc.threads(1 if dry_run else None):
         for seed, name in tqdm(jobs, desc="rkcnn-arms", unit="run", disable=quiet):
             run_dir = out / "runs" / f"{name}_s{seed}"
             saved = run_dir / "row.json"
             if saved.is_file():  # JSON has no NaN: null back to nan
-                rows.append({k: math.nan if v is None else v for k, v in json.loads(saved.read_text()).items()})
+                rows.append(_read_row(saved))
                 continue
-            tcfg = train_config(cfg, store_path, d_in, arms[name], seed, run_dir, input_scale)
-            row = measure(cfg, tcfg, store, name, seed)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "row.json.tmp").write_text(json.dumps(rc._clean(row)) + "\n")
-            (run_dir / "row.json.tmp").replace(saved)
-            rows.append(row)
+            claim_path = out / "runs" / f"{name}_s{seed}.claim"
+            if not claim(claim_path):
+                elsewhere.append((name, seed, run_dir))
+                continue
+            try:
+                if saved.is_file():  # finished by another process between the two checks
+                    rows.append(_read_row(saved))
+                    continue
+                resume = ck.intact_checkpoint(run_dir) is not None
+                tcfg = train_config(cfg, store_path, d_in, arms[name], seed, run_dir, input_scale, resume=resume)
+                row = measure(cfg, tcfg, store, name, seed)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "row.json.tmp").write_text(json.dumps(rc._clean(row)) + "\n")
+                (run_dir / "row.json.tmp").replace(saved)
+                rows.append(row)
+            finally:
+                claim_path.unlink(missing_ok=True)
             log.info("%s seed %d: dead %.2f%%, FVU %.4f (step 0: %.3g), %.0f s", name, seed, 100 * row["dead_frac"],
                      row["fvu"], row["fvu_step0"], row["seconds"])
+    for name, seed, run_dir in elsewhere:  # held by another process when this one passed them
+        if (run_dir / "row.json").is_file():
+            rows.append(_read_row(run_dir / "row.json"))
+        else:
+            log.warning("%s seed %d is being trained by another process: left out of this summary (run the "
+                        "same command again once it has finished)", name, seed)
     results = {"experiment": "rkcnn-arms", "dry_run": dry_run, "config": to_dict(cfg), "store": store_path,
                "hook": cfg.hook, "arms": arms, "per_run": rows, "summary": summarise(rows, arms, cfg.level),
                "plots": dict(PLOTS), "seconds": round(time.time() - t0, 1)}
     plot_arms(out / PLOTS["arms"], results)
     rc.write_results(out, results)
     return results
+
+
+def _read_row(path: Path) -> dict:
+    """A saved row (JSON has no NaN: null back to nan)."""
+    return {k: math.nan if v is None else v for k, v in json.loads(path.read_text()).items()}
 
 
 def _sample_tcfg(store: str, cfg: Config):

@@ -1,6 +1,11 @@
 """rkcnn-arms: known answers for its helpers, step-0 SAE = train's SAE, the seed's λ conversion, dry run."""
 import json
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +143,56 @@ def test_steps_zero_measures_the_initial_sae_only(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["per_run"]
     assert rows and all(r["fvu"] == r["fvu_step0"] for r in rows)
     assert not any((tmp_path / "runs" / f"{r['arm']}_s{r['seed']}" / "final").exists() for r in rows)
+
+
+def test_a_run_resumed_from_its_checkpoint_gives_the_uninterrupted_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ra, "CHECKPOINT_EVERY", 5)  # a dry run's 20 steps: checkpoints at 5, 10, 15
+    argv = ["experiment", "rkcnn-arms", "--dry-run", "--plan", "faithful", "--seeds", "2", "-q"]
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    whole = {(r["arm"], r["seed"]): r for r in json.loads((tmp_path / "whole" / "results.json").read_text())["per_run"]}
+    assert main(argv + ["--out", str(tmp_path / "cut")]) == 0
+    run = tmp_path / "cut" / "runs" / "rkcnn-seed_s1"
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_000010", "step_000015"]
+    # killed after its step-15 checkpoint: no row, no final SAE
+    (run / "row.json").unlink()
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    assert main(argv[:-1] + ["--out", str(tmp_path / "cut")]) == 0  # without -q: the log is on stderr
+    assert f"resumed from {run / 'step_000015'} at step 15" in capsys.readouterr().err
+    cut = {(r["arm"], r["seed"]): r for r in json.loads((tmp_path / "cut" / "results.json").read_text())["per_run"]}
+    drop = ("seconds",)
+    assert {k: {m: v for m, v in r.items() if m not in drop} for k, r in cut.items()} == \
+        {k: {m: v for m, v in r.items() if m not in drop} for k, r in whole.items()}
+
+
+def test_claims_split_runs_between_live_processes(tmp_path):
+    path = tmp_path / "a_s0.claim"
+    assert ra.claim(path) and ra.claim(path)  # ours, and ours again
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        assert not ra.claim(path)  # a live process holds it
+    finally:
+        other.kill()
+        other.wait()
+    assert ra.claim(path) and json.loads(path.read_text())["pid"] == os.getpid()  # its holder is gone: taken over
+    path.write_text(json.dumps({"host": "another-machine", "pid": 1}))
+    assert not ra.claim(path)  # another host's pid cannot be checked: held
+
+
+def test_a_run_another_process_holds_is_skipped_and_named(tmp_path, capsys):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "rkcnn-none-10_s1.claim").write_text(json.dumps({"host": socket.gethostname(),
+                                                                              "pid": other.pid}))
+        assert main(["experiment", "rkcnn-arms", "--dry-run", "--plan", "dead", "--arms", "rkcnn-none-10",
+                     "--out", str(tmp_path)]) == 0
+    finally:
+        other.kill()
+        other.wait()
+    rows = json.loads((tmp_path / "results.json").read_text())["per_run"]
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [("baseline-relu", 0), ("baseline-relu", 1), ("rkcnn-none-10", 0)]
+    assert "rkcnn-none-10 seed 1 is being trained by another process" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "rkcnn-none-10_s1").exists()
+    assert not list((tmp_path / "runs").glob("*_s0.claim"))  # its own claims are released
