@@ -15,9 +15,9 @@ from saelab.train.config import (
     quick_test_config, resolve_auto, sae_configs,
 )
 from saelab.train.init import init_dirs, init_encoder_, orient_heavy_tail
-from saelab.train.loop import RunResult, TrainResult, step_, train
+from saelab.train.loop import RunResult, TrainResult, distribute_, step_, train
 from saelab.train.validation import evaluate_checkpoint, evaluate_sae
 
 __all__ = ["AUTO_DEFAULTS", "LORA_SAE_DEFAULTS", "SWEEP_FIELDS", "RunResult", "TrainConfig", "TrainResult",
            "check_sae_options", "evaluate_checkpoint", "evaluate_sae", "init_dirs", "init_encoder_", "lora_train_defaults",
-           "orient_heavy_tail", "quick_test_config", "resolve_auto", "sae_configs", "step_", "train"]
+           "orient_heavy_tail", "quick_test_config", "resolve_auto", "sae_configs", "distribute_", "step_", "train"]

@@ -252,6 +252,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     if world > 1:
         for run in runs:
             _broadcast_state_(run.sae)
+            distribute_(run.sae, rank, world)
     if cfg.tokens is not None or data_it.batches_per_epoch is None:
         total = max(1, math.ceil(cfg.tokens / (cfg.batch_size * world)))
     else:  # ranks may hold different numbers of chunks: the shortest sets the pace
@@ -342,11 +343,18 @@ def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     return TrainResult(out, results, step, tokens, resumed_from)
 
 
+def distribute_(sae, rank: int, world: int) -> None:
+    """Set up what `step_` needs under DDP beyond the gradient all-reduce: BatchTopK's selection over
+    the global batch (each rank's top W·B·k, all-gathered). Called once, after the weights agree."""
+    if world > 1 and hasattr(sae, "distributed"):
+        sae.distributed = (rank, world, _all_gather_stack)
+
+
 def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, step: int, world: int = 1,
           autocast=None, kept: str = "") -> TrainOutput:
     """One optimizer step of one SAE on one batch; updates its weights, Adam state and dead counters.
 
-        (DDP: BatchTopK selects over the global batch);  out = sae.training_loss(x_BD, sparsity_scale);
+        out = sae.training_loss(x_BD, sparsity_scale)  (DDP: BatchTopK selects over the global batch, set up in `train`);
         out.loss.backward();  (DDP: grads <- mean over ranks);  check out.loss and the grads finite;
         before_optimizer_step_;  Adam(lr);
         (DDP: reduce_step_state_, e.g. TopK's fired latents over the global batch);
@@ -360,8 +368,6 @@ def step_(run: RunState, x_BD: torch.Tensor, lr: float, sparsity_scale: float, s
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
-    if world > 1 and hasattr(run.sae, "distributed"):  # BatchTopK: select over the global batch
-        run.sae.distributed = (dist.get_rank(), world, _all_gather_stack)
     with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
         o = run.sae.training_loss(x_BD, sparsity_scale=sparsity_scale)
     o.loss.backward()  # before the loss check: one host sync screens the loss and the gradients together

@@ -545,13 +545,14 @@ def test_interrupted_run_resumes_exactly_and_reuses_its_checkpoints(store, tmp_p
 def _ddp_worker(rank: int, world: int, port: int, x_TND: torch.Tensor, out_dir: str, arch: str) -> None:
     import torch.distributed as dist
 
-    from saelab.train import step_
+    from saelab.train import distribute_, step_
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     run = _one_run(arch)
     run.sae.init_from_data_(x_TND[0])
+    distribute_(run.sae, rank, world)  # as `train` does under DDP
     half = x_TND.shape[1] // world
     for t, x_ND in enumerate(x_TND):
         step_(run, x_ND[rank * half:(rank + 1) * half], lr=3e-3, sparsity_scale=1.0, step=t, world=world)
