@@ -1,4 +1,5 @@
-"""Safe files: atomic directories (write `NAME.tmp/`, fsync, `os.replace` to `NAME/`) and file hashes.
+"""Safe files: atomic directories (write `NAME.tmp/`, fsync, `os.replace` to `NAME/`), file hashes, and
+claim files (one live process at a time holds a piece of work).
 
 Owns the one implementation used by `SAE.save` (saes/base.py) and the training checkpoints
 (checkpoint.py), so a crash at any moment leaves either the old directory or the new one, never a
@@ -10,8 +11,11 @@ L0: stdlib only.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 
@@ -56,4 +60,51 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-__all__ = ["commit_dir", "fresh_tmp", "fsync_tree", "sha256_file"]
+CLAIM_WRITE_S = 60.0
+"""A claim file that is still unreadable this long after its last write was left by a crash."""
+
+
+def claim_file(path: Path) -> bool:
+    """Take the work that `path` stands for, for this process: False if another live process holds it.
+
+    The file is created exclusively and holds {host, pid}; a claim whose process is gone (same host)
+    is taken over; one from another host is held (its pid cannot be checked). The holder deletes
+    the file when done. Local filesystems only (object stores: store/lease.py)."""
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+                stale = held.get("host") == me["host"] and not pid_running(int(held.get("pid", 0)))
+            except FileNotFoundError:  # its holder has just released it
+                continue
+            except (OSError, ValueError, TypeError, AttributeError):  # being written now, or half-written by a crash
+                held, stale = None, time.time() - path.stat().st_mtime > CLAIM_WRITE_S
+            if held == me:
+                return True
+            if not stale:
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def pid_running(pid: int) -> bool:
+    """True if a process with this pid exists on this host (signal 0 checks without sending)."""
+    if pid <= 0:  # 0 and negative pids name process groups, not a process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["claim_file", "commit_dir", "fresh_tmp", "fsync_tree", "pid_running", "sha256_file"]

@@ -41,8 +41,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 from saelab import train as tr
+from saelab.atomic import claim_file
 from saelab.train import checkpoint as ck
 from saelab.train import sources as td
 from saelab.config import to_dict
@@ -278,38 +277,6 @@ def measure(cfg: Config, tcfg, store, arm_name: str, seed: int) -> dict:
 # the experiment
 
 
-def claim(path: Path) -> bool:
-    """Take the run claimed by `path` for this process: False if another live process holds it.
-
-    A claim holds {host, pid}; one whose process is gone (same host) is taken over."""
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text())
-            except (OSError, ValueError):
-                held = {}  # being written this instant, or damaged: taken for live once, stale after
-            if held == me:
-                return True
-            if held.get("host") == me["host"] and held.get("pid") and not _pid_running(int(held["pid"])):
-                path.unlink(missing_ok=True)
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    return False
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 METRICS = ("dead_frac", "fvu", "fvu_step0", "l0", "l0_store", "ev_seed", "mse", "mined_dead_frac",
@@ -382,7 +349,7 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
                 rows.append(_read_row(saved))
                 continue
             claim_path = out / "runs" / f"{name}_s{seed}.claim"
-            if not claim(claim_path):
+            if not claim_file(claim_path):
                 elsewhere.append((name, seed, run_dir))
                 continue
             try:

@@ -32,6 +32,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from saelab.atomic import pid_running
 from saelab.errors import UsageError
 from saelab.store.remote import RemotePath, backend_errors, create_exclusive
 
@@ -45,15 +46,6 @@ LEASE_TTL_S = 300.0
 def _now_iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_lease(shard_dir: RemotePath) -> tuple[dict | None, str]:
@@ -75,7 +67,7 @@ def is_stale(lease: dict, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if now - float(lease.get("heartbeat_at", 0.0)) > float(lease.get("ttl_s", LEASE_TTL_S)):
         return True
-    return lease.get("host") == socket.gethostname() and not _pid_running(int(lease.get("pid", 0)))
+    return lease.get("host") == socket.gethostname() and not pid_running(int(lease.get("pid", 0)))
 
 
 def lease_is_live(shard_dir: RemotePath) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from saelab.store.synthetic import make_synthetic_store
+from saelab.atomic import claim_file
 from saelab.cli import main
 from saelab.experiments import rkcnn_arms as ra
 from saelab.experiments import rkcnn_compare as rc
@@ -167,17 +168,21 @@ def test_a_run_resumed_from_its_checkpoint_gives_the_uninterrupted_row(tmp_path,
 
 def test_claims_split_runs_between_live_processes(tmp_path):
     path = tmp_path / "a_s0.claim"
-    assert ra.claim(path) and ra.claim(path)  # ours, and ours again
+    assert claim_file(path) and claim_file(path)  # ours, and ours again
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         path.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
-        assert not ra.claim(path)  # a live process holds it
+        assert not claim_file(path)  # a live process holds it
     finally:
         other.kill()
         other.wait()
-    assert ra.claim(path) and json.loads(path.read_text())["pid"] == os.getpid()  # its holder is gone: taken over
+    assert claim_file(path) and json.loads(path.read_text())["pid"] == os.getpid()  # its holder is gone: taken over
     path.write_text(json.dumps({"host": "another-machine", "pid": 1}))
-    assert not ra.claim(path)  # another host's pid cannot be checked: held
+    assert not claim_file(path)  # another host's pid cannot be checked: held
+    path.write_text('{"host": "')  # being written by its claimant this instant: held
+    assert not claim_file(path)
+    os.utime(path, (path.stat().st_mtime - 120,) * 2)  # still half-written two minutes later: a crash
+    assert claim_file(path) and json.loads(path.read_text())["pid"] == os.getpid()
 
 
 def test_a_run_another_process_holds_is_skipped_and_named(tmp_path, capsys):
