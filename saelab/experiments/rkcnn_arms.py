@@ -16,7 +16,8 @@ validation chunks and steps, and starts from the same random rows outside its da
     faithful   the RkCNN seed's phase 2: ReLU + L1 with the seed's λ = 1e-3 in its units, unit-norm
                decoder, unweighted L1, untied random encoder, b_dec = 0, Adam 1e-3 without warm-up or
                decay, x8, batch 256, 10k steps; baseline and rkcnn (fraction 0.5 capped at h = 600,
-               m = 24 = √576, coordinate-mean kurtosis, no dedup, random encoder)
+               m = 24 = √576, coordinate-mean kurtosis, no dedup, random encoder), and its control
+               data_rows-seed (as many random centred data rows, 600, with the same random encoder)
 
 The seed's loss is mean_elements (x − x̂)² + λ mean_elements f on raw x; saelab normalises x_n = s x
 (s = √(D / E‖x‖²)) and minimises mean_b ‖x_n − x̂_n‖² + c mean_b Σ_f f_n, the same objective up to a
@@ -169,6 +170,8 @@ def arms_of(plan: str, dead_architecture: str = "relu") -> dict[str, dict]:
     else:
         arms["baseline-relu"] = dict(architecture="relu", init="random")
         arms["rkcnn-seed"] = dict(architecture="relu", init="rkcnn", fraction=0.5, options={})
+        # its control: as many random data rows as the method mines (min(0.5 F, h)), random encoder
+        arms["data_rows-seed"] = dict(architecture="relu", init="data_rows", fraction="as_mined", options={})
     return arms
 
 
@@ -194,6 +197,10 @@ def train_config(cfg: Config, store: str, d_in: int, arm: dict, seed: int, out: 
         sae_options.update(init_enc_from_dec=False, b_dec_init="zeros")
         l1 = SEED_LAMBDA * d_in / d_sae * input_scale
     steps = cfg.steps
+    h = cfg.subsets or (600 if cfg.plan == "faithful" else 2 * d_sae)
+    fraction = arm.get("fraction", 0.5)
+    if fraction == "as_mined":  # as many rows as rkcnn at fraction 0.5 mines: min(0.5 F, h)
+        fraction = min(round(0.5 * d_sae), h) / d_sae
     return tr.TrainConfig(
         data=store, hook=cfg.hook, out=str(out), architecture=arm["architecture"], d_sae=d_sae,
         k=[cfg.k] if arm["architecture"] == "topk" else None, l1_coeff=l1 if arm["architecture"] == "relu" else None,
@@ -202,8 +209,7 @@ def train_config(cfg: Config, store: str, d_in: int, arm: dict, seed: int, out: 
         decay_fraction=0.0 if cfg.plan == "faithful" else 0.2, eval_every=0, eval_tokens=cfg.eval_tokens,
         checkpoint_every=CHECKPOINT_EVERY if steps >= 2 * CHECKPOINT_EVERY else 0, val_fraction=cfg.val_fraction,
         seed=seed, init_tokens=cfg.init_tokens,
-        init=arm["init"], rkcnn_fraction=arm.get("fraction", 0.5),
-        rkcnn_subsets=cfg.subsets or (600 if cfg.plan == "faithful" else 2 * d_sae),
+        init=arm["init"], rkcnn_fraction=fraction, rkcnn_subsets=h,
         **{"rkcnn_" + k: v for k, v in arm.get("options", {}).items()}, sae_options=sae_options,
         dead_window=max(1, min(1000, steps // 4)), log_every=max(1, steps // 100), shuffle_chunks=4,
         resume=resume, overwrite=not resume)

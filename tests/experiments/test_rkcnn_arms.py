@@ -74,6 +74,12 @@ def test_faithful_plan_uses_the_seeds_settings(store, tmp_path):
                              "b_dec_init": "zeros"}
     assert (t.warmup_steps, t.decay_fraction, t.rkcnn.rkcnn_subsets, t.rkcnn.rkcnn_fraction) == (0, 0.0, 600, 0.5)
     assert t.rkcnn == RkcnnConfig(rkcnn_subsets=600) and t.init == "rkcnn"  # the other defaults are the method's
+    # the control: as many random data rows as the method mines, min(0.5 F, h), with its random encoder
+    c = ra.train_config(cfg, str(store), 576, arms["data_rows-seed"], 0, tmp_path, input_scale=2.0)
+    assert c.init == "data_rows" and round(c.rkcnn.rkcnn_fraction * c.d_sae) == 600 and c.d_sae == 4608
+    assert c.rkcnn.rkcnn_init_encoder == "random" and c.sae_options == t.sae_options and c.l1_coeff == pytest.approx(
+        1e-3 * 576 / 4608 * 2.0)
+    assert ra.train_config(cfg, str(store), 16, arms["data_rows-seed"], 0, tmp_path, 2.0).rkcnn.rkcnn_fraction == 0.5
 
 
 def test_factorial_has_every_cell():
