@@ -282,10 +282,7 @@ def measure(cfg: Config, tcfg, store, arm_name: str, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the experiment
 
-
-    return True
-
-METRICS = ("dead_frac", "fvu", "fvu_step0", "l0", "l0_store", "ev_seed", "mse", "mined_dead_frac",
+METRICS = ("dead_frac", "dead_count", "fvu", "fvu_step0", "l0", "l0_store", "ev_seed", "mse", "mined_dead_frac",
            "other_dead_frac", "redundancy_step0", "n_mined", "seconds")
 
 
