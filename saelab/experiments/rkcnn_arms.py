@@ -120,6 +120,8 @@ class Config:
     """Store chunks held out for validation."""
     level: float = 0.95
     """Confidence level of the paired intervals."""
+    saved_only: bool = False
+    """Train nothing: summarise the rows saved so far (while other processes are still training)."""
 
     def __post_init__(self):
         p = []
@@ -341,7 +343,7 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
     sample_cfg = _sample_tcfg(store_path, cfg)
     x_ND = td.StoreSource(sample_cfg).init_sample(sample_cfg)
     input_scale = math.sqrt(d_in / float(x_ND.float().pow(2).sum(1).mean()))
-    rows, elsewhere = [], []
+    rows, elsewhere, missing = [], [], []
     jobs = [(seed, name) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for name in arms]
     (out / "runs").mkdir(exist_ok=True)
     with rc.threads(1 if dry_run else None):
@@ -352,6 +354,9 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
                 rows.append(_read_row(saved))
                 continue
             claim_path = out / "runs" / f"{name}_s{seed}.claim"
+            if cfg.saved_only:
+                missing.append(f"{name} seed {seed}")
+                continue
             if not claim_file(claim_path):
                 elsewhere.append((name, seed, run_dir))
                 continue
@@ -376,6 +381,8 @@ def run(cfg: Config, out: str | Path, dry_run: bool = False, quiet: bool = False
         else:
             log.warning("%s seed %d is being trained by another process: left out of this summary (run the "
                         "same command again once it has finished)", name, seed)
+    if missing:
+        log.warning("--saved-only: %d run(s) not saved yet, left out of this summary: %s", len(missing), ", ".join(missing))
     results = {"experiment": "rkcnn-arms", "dry_run": dry_run, "config": to_dict(cfg), "store": store_path,
                "hook": cfg.hook, "arms": arms, "per_run": rows, "summary": summarise(rows, arms, cfg.level),
                "plots": dict(PLOTS), "seconds": round(time.time() - t0, 1)}

@@ -207,3 +207,10 @@ def test_a_run_another_process_holds_is_skipped_and_named(tmp_path, capsys):
     assert "rkcnn-none-10 seed 1 is being trained by another process" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "rkcnn-none-10_s1").exists()
     assert not list((tmp_path / "runs").glob("*_s0.claim"))  # its own claims are released
+    # --saved-only trains nothing: the summary of the saved rows, the missing run named
+    capsys.readouterr()
+    assert main(["experiment", "rkcnn-arms", "--dry-run", "--plan", "dead", "--arms", "rkcnn-none-10", "--saved-only",
+                 "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["per_run"] == rows
+    assert "1 run(s) not saved yet, left out of this summary: rkcnn-none-10 seed 1" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "rkcnn-none-10_s1").exists()
