@@ -81,7 +81,10 @@ def claim_file(path: Path) -> bool:
             except FileNotFoundError:  # its holder has just released it
                 continue
             except (OSError, ValueError, TypeError, AttributeError):  # being written now, or half-written by a crash
-                held, stale = None, time.time() - path.stat().st_mtime > CLAIM_WRITE_S
+                try:
+                    held, stale = None, time.time() - path.stat().st_mtime > CLAIM_WRITE_S
+                except FileNotFoundError:  # released meanwhile
+                    continue
             if held == me:
                 return True
             if not stale:

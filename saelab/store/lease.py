@@ -47,7 +47,6 @@ def _now_iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-
 def read_lease(shard_dir: RemotePath) -> tuple[dict | None, str]:
     """(lease content or None, its ETag or "")."""
     path = shard_dir / LEASE_FILE
