@@ -11,7 +11,8 @@ chunk files are never rewritten, so a copy is valid exactly while its bytes hash
 nothing goes stale, stores that share a file share its copy, and a damaged copy is dropped and
 fetched again. `SAELAB_STORE_CACHE_GB` caps the cache's size; past it, the least recently read
 files go first (a process rescans the directory only when its own count passes the cap, so with
-several processes writing the cache can run over it until the next rescan). Manifests and store.json are never cached: they change while a store grows.
+several processes writing, the cache can run over it until the next rescan). Manifests and
+store.json are never cached: they change while a store grows.
 
 Leaves out: reading and checking remote bytes (reader.py), the fsspec side (remote.py).
 """
